@@ -1,0 +1,201 @@
+"""The CoDi training loss for one batch (CODI_SPEC.md, "One training step").
+
+Models are callables ``fn(z_t, t, cond) -> model_output`` (``fn(z_t, t, cond, w)`` in ``guidance_mode="distill"``,
+with ``w`` a ``[B]`` tensor of guidance scales). For a batch ``x`` with condition ``cond``:
+
+    1. t = i k, s = (i - 1) k,  i ~ U{1, ..., N-1},  k = T // N     (one i for the batch, or one per sample)
+    2. z_t = alpha_t x + sigma_t eps
+    3. (no grad) x0, eps_hat = ODE model at (z_t, t);   z_s = alpha_s x0 + sigma_s e   (e = eps_hat, or the true eps)
+    4. (no grad) f_target = c_skip(s) z_s + c_out(s) x0_target(z_s, s)          (target = EMA model)
+    5.           f        = c_skip(t) z_t + c_out(t) x0_online(z_t, t)
+    6. loss = d(f, f_target) + lambda * ||f - x||^2
+
+``d`` is the mean squared error of ``f`` and ``f_target`` (``consistency_space="x"``) or of the noises they imply,
+``(z_t - alpha_t f) / sigma_t`` and ``(z_s - alpha_s f_target) / sigma_s`` (``"eps"``, the paper's noise
+self-consistency). CFG-aware distillation (``guidance_mode="cfg"``) draws ``w ~ U[w_min, w_max]`` per sample and uses
+``u + w (c - u)`` in steps 4 and 5; the one-step ODE never uses guidance. ``guidance_mode="distill"`` trains a
+``w``-conditioned online model, one branch, to match the target's guided output (the target's two branches get the
+neutral ``w = 1``), so the sampler can run at cfg 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .boundary import DEFAULT_SIGMA_DATA, DEFAULT_TIMESTEP_SCALING, apply_boundary
+from .parameterization import eps_from_x0, normalize_prediction_type, to_x0_eps
+from .sampling import batch_conditions
+from .schedule import NoiseSchedule
+
+ODE_MODELS = ("ema", "base", "online")
+EPS_SOURCES = ("ddim", "true")
+CONSISTENCY_SPACES = ("x", "eps")
+GUIDANCE_MODES = ("none", "cfg", "distill")
+
+
+@dataclass
+class CoDiLossConfig:
+    """Every knob of CODI_SPEC.md steps 1-7, with the spec's defaults."""
+
+    prediction_type: str = "epsilon"
+    distill_grid: int = 50
+    shared_timestep: bool = True
+    ode_model: str = "ema"
+    eps_source: str = "ddim"
+    consistency_space: str = "x"
+    guidance_weight: float = 1.0
+    min_snr_gamma: float | None = None
+    boundary: bool = True
+    sigma_data: float = DEFAULT_SIGMA_DATA
+    timestep_scaling: float = DEFAULT_TIMESTEP_SCALING
+    guidance_mode: str = "none"
+    cfg_range: tuple[float, float] = field(default=(2.0, 8.0))
+
+    def __post_init__(self):
+        self.prediction_type = normalize_prediction_type(self.prediction_type)
+        for name, value, allowed in (("ode_model", self.ode_model, ODE_MODELS),
+                                     ("eps_source", self.eps_source, EPS_SOURCES),
+                                     ("consistency_space", self.consistency_space, CONSISTENCY_SPACES),
+                                     ("guidance_mode", self.guidance_mode, GUIDANCE_MODES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not isinstance(self.distill_grid, int) or not 2 <= self.distill_grid <= 1000:
+            raise ValueError(f"distill_grid must be an integer in 2..1000, got {self.distill_grid!r}")
+        if self.guidance_weight < 0:
+            raise ValueError(f"guidance_weight must be >= 0, got {self.guidance_weight}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be positive, got {self.min_snr_gamma}")
+        w_min, w_max = (float(v) for v in self.cfg_range)
+        if not 1.0 <= w_min <= w_max:
+            raise ValueError(f"cfg_range must satisfy 1 <= w_min <= w_max, got {self.cfg_range}")
+        self.cfg_range = (w_min, w_max)
+
+
+def draw_timesteps(batch_size: int, grid: int, shared: bool, num_train_timesteps: int = 1000,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, s)`` as ``[B]`` long tensors on the grid: ``t = i k``, ``s = (i - 1) k``, ``i ~ U{1..N-1}``.
+
+    Index 0 is never drawn (it would give ``t = s = 0``, ``c_out = 0`` and no gradient).
+    """
+    k = num_train_timesteps // grid
+    n = 1 if shared else batch_size
+    device = generator.device if generator is not None else "cpu"
+    i = torch.randint(1, grid, (n,), generator=generator, device=device).cpu().expand(batch_size)
+    return i * k, (i - 1) * k
+
+
+def _call(fn: Callable, z: torch.Tensor, t: torch.Tensor, cond: Any, w: torch.Tensor | None) -> torch.Tensor:
+    return fn(z, t, cond) if w is None else fn(z, t, cond, w)
+
+
+def _guided(fn: Callable, z: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, w: torch.Tensor,
+            neutral_w: torch.Tensor | None) -> torch.Tensor:
+    """``u + w (c - u)`` from one batched call (adapter and condition image apply to both branches)."""
+    w_both = None if neutral_w is None else torch.cat([neutral_w, neutral_w])
+    out = _call(fn, torch.cat([z, z]), torch.cat([t, t]), batch_conditions(cond, uncond), w_both)
+    out_c, out_u = out.chunk(2)
+    w = w.to(out.dtype).reshape((-1,) + (1,) * (out.ndim - 1))
+    return out_u + w * (out_c - out_u)
+
+
+def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, config: CoDiLossConfig,
+              schedule: NoiseSchedule | None = None, base: Callable | None = None, uncond: Any = None,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The CoDi loss of one batch and its diagnostics.
+
+    Args:
+        online: the trainable model (base + adapter psi); the only call that keeps a graph.
+        target: the EMA model (base + psi^-), called under ``no_grad``.
+        x: clean latents ``[B, ...]``.
+        cond: conditioning for the callables (e.g. ``{"text": ..., "hint": ...}``).
+        config: :class:`CoDiLossConfig`.
+        base: the frozen base without adapter, needed for ``ode_model="base"``.
+        uncond: the empty-text conditioning (same structure as ``cond``) for ``guidance_mode`` ``cfg``/``distill``.
+        generator: draws ``t``, the noise and ``w`` (so a seeded run is reproducible).
+
+    Returns:
+        ``(loss, diagnostics)``: a scalar loss with a graph through ``online``; diagnostics hold detached floats
+        ``loss_consistency``, ``loss_guidance``, the drawn ``t`` / ``s`` (lists) and ``w`` (list or ``None``).
+    """
+    schedule = schedule or NoiseSchedule.stable_diffusion()
+    cfg = config
+    batch = x.shape[0]
+    if cfg.guidance_mode != "none" and uncond is None:
+        raise ValueError(f"guidance_mode={cfg.guidance_mode!r} needs the empty-text conditioning `uncond`")
+    if cfg.ode_model == "base" and base is None:
+        raise ValueError("ode_model='base' needs the frozen base model callable `base`")
+
+    t, s = draw_timesteps(batch, cfg.distill_grid, cfg.shared_timestep, schedule.num_train_timesteps, generator)
+    t, s = t.to(x.device), s.to(x.device)
+    gen_device = generator.device if generator is not None else x.device
+    eps = torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device, x.dtype)
+    w = None
+    if cfg.guidance_mode != "none":
+        w_min, w_max = cfg.cfg_range
+        w = w_min + (w_max - w_min) * torch.rand(batch, generator=generator, device=gen_device).to(x.device)
+    distill = cfg.guidance_mode == "distill"
+    neutral = torch.ones(batch, device=x.device) if distill else None
+
+    alpha_t, sigma_t = schedule.alpha_sigma(t, like=x)
+    alpha_s, sigma_s = schedule.alpha_sigma(s, like=x)
+    z_t = alpha_t * x + sigma_t * eps
+
+    with torch.no_grad():
+        # 3. One-step PF-ODE to s, never guided (the authors report gradient blow-ups with CFG here).
+        ode_fn = {"ema": target, "base": base, "online": online}[cfg.ode_model]
+        ode_out = ode_fn(z_t, t, cond) if (cfg.ode_model == "base" or not distill) else ode_fn(z_t, t, cond, neutral)
+        x0_ode, eps_ode = to_x0_eps(ode_out, z_t, alpha_t, sigma_t, cfg.prediction_type)
+        z_s = alpha_s * x0_ode + sigma_s * (eps_ode if cfg.eps_source == "ddim" else eps)
+
+        # 4. Target at (z_s, s) from the EMA model.
+        if cfg.guidance_mode == "none":
+            target_out = target(z_s, s, cond)
+        else:
+            target_out = _guided(target, z_s, s, cond, uncond, w, neutral)
+        x0_target, _ = to_x0_eps(target_out, z_s, alpha_s, sigma_s, cfg.prediction_type)
+        f_target = apply_boundary(z_s, x0_target, s, cfg.boundary, cfg.sigma_data, cfg.timestep_scaling)
+
+    # 5. Online prediction at (z_t, t), with gradient.
+    if cfg.guidance_mode == "none":
+        online_out = online(z_t, t, cond)
+    elif distill:
+        online_out = online(z_t, t, cond, w)
+    else:
+        online_out = _guided(online, z_t, t, cond, uncond, w, None)
+    x0_online, _ = to_x0_eps(online_out, z_t, alpha_t, sigma_t, cfg.prediction_type)
+    f = apply_boundary(z_t, x0_online, t, cfg.boundary, cfg.sigma_data, cfg.timestep_scaling)
+
+    # 6. Consistency term (+ optional Min-SNR-gamma weight) and conditional-guidance regression.
+    reduce_dims = tuple(range(1, x.ndim))
+    if cfg.consistency_space == "x":
+        per_sample = (f.float() - f_target.float()).pow(2).mean(dim=reduce_dims)
+    else:
+        eps_f = eps_from_x0(z_t, f, alpha_t, sigma_t)
+        eps_target = eps_from_x0(z_s, f_target, alpha_s, sigma_s)
+        per_sample = (eps_f.float() - eps_target.float()).pow(2).mean(dim=reduce_dims)
+    if cfg.min_snr_gamma is not None:
+        per_sample = per_sample * min_snr_weight(schedule, t, cfg.min_snr_gamma, cfg.consistency_space).to(x.device)
+    loss_consistency = per_sample.mean()
+    loss_guidance = (f.float() - x.float()).pow(2).mean()
+    loss = loss_consistency + cfg.guidance_weight * loss_guidance
+
+    diagnostics = {
+        "loss_consistency": float(loss_consistency.detach()),
+        "loss_guidance": float(loss_guidance.detach()),
+        "t": t.tolist(),
+        "s": s.tolist(),
+        "w": None if w is None else w.tolist(),
+    }
+    return loss, diagnostics
+
+
+def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, space: str) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023) giving an effective x-space weight ``min(SNR(t), gamma)``:
+    ``min(SNR, gamma)`` for an x-space loss, ``min(SNR, gamma) / SNR`` for an eps-space loss (float32 ``[B]``)."""
+    snr = schedule.snr(t.cpu())
+    clipped = snr.clamp(max=gamma)
+    return (clipped if space == "x" else clipped / snr).float()
