@@ -85,7 +85,13 @@ class EMA:
                            f"({len(state['shadow'])} saved vs {len(self.shadow)} now)")
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
-        self.shadow = {k: v.detach().to(torch.float32).clone() for k, v in state["shadow"].items()}
+        with torch.no_grad():  # in place, so modules whose weights are views of the shadow keep seeing it
+            for name, value in state["shadow"].items():
+                self.shadow[name].copy_(value.to(self.shadow[name].device, torch.float32))
+
+    def to(self, device) -> "EMA":
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
 
     def named_tensors(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """The EMA weights (float32), all or only ``names``."""

@@ -1,0 +1,289 @@
+"""Trainer configuration: kohya sd-scripts flag names (diffusers names as aliases), a TOML `--config_file` and
+`--output_config`.
+
+Precedence: built-in defaults < values from `--config_file` < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+
+OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Lion", "Adafactor")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+TASKS = ("sr", "inpaint", "canny", "depth", "gray", "blur", "jpeg", "paired")
+
+
+def _bool_flag(group, name, help_text, **kw):
+    group.add_argument(name, action="store_true", help=help_text, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description=(
+            "Distill a CoDi (Conditional Diffusion Distillation) adapter from your own Stable Diffusion checkpoint so "
+            "that the checkpoint + adapter produce the conditional result in 1-4 steps. Flags follow kohya sd-scripts; "
+            "every flag can also come from a TOML file given with --config_file."
+        ),
+        epilog=(
+            "example:\n  python trainer/train.py --pretrained_model_name_or_path model.safetensors \\\n"
+            "      --train_data_dir photos --conditioning_data_dir hints --resolution 512 \\\n"
+            "      --adapter_type control-lora --optimizer_type AdamW8bit --max_train_steps 2000 --output_dir out\n"
+            "  accelerate launch trainer/train.py --config_file codi.toml"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config_file", type=str, help="TOML file with any of these flags (flag names as keys)")
+    g.add_argument("--output_config", nargs="?", const="", default=None, metavar="PATH",
+                   help="write the effective configuration as TOML (to PATH, or <output_dir>/<output_name>.toml) "
+                        "and exit without training")
+    g.add_argument("--dry_run", action="store_true",
+                   help="build models, adapter and optimizer, print parameter counts and the predicted memory, "
+                        "run no step")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str,
+                   help="base checkpoint: single file (.safetensors, or .ckpt loaded with weights_only) or a "
+                        "diffusers folder")
+    _bool_flag(g, "--v2", "the checkpoint is SD2.x (detected automatically; kept for kohya compatibility)")
+    g.add_argument("--v_parameterization", action="store_true", default=None,
+                   help="force v-prediction (SD2-768); by default detected from the checkpoint")
+    g.add_argument("--vae", type=str, help="a separate VAE (single file or diffusers folder)")
+    _bool_flag(g, "--no_half_vae", "keep the VAE in float32 under mixed precision (SDXL's VAE overflows in fp16)")
+    g.add_argument("--tokenizer_path", type=str,
+                   help="folder with the CLIP tokenizer (vocab.json, merges.txt) for single-file checkpoints")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--train_data_dir", type=str, help="folder of target images (+ captions)")
+    g.add_argument("--conditioning_data_dir", type=str,
+                   help="folder of condition images with the same basenames as the targets")
+    g.add_argument("--dataset_config", type=str, help="kohya dataset TOML")
+    g.add_argument("--resolution", type=str, default=None, help="training resolution: 512 or 512,768 (w,h)")
+    g.add_argument("--caption_extension", type=str, default=".caption",
+                   help="caption file extension (kohya default .caption; .txt is also read when .caption is absent)")
+    g.add_argument("--default_caption", type=str, default="", help="caption for images without a caption file")
+    _bool_flag(g, "--enable_bucket", "aspect-ratio buckets")
+    _bool_flag(g, "--flip_aug", "random horizontal flips (target and condition flip together)")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=0)
+    g.add_argument("--dataset_repeats", type=int, default=1)
+    g.add_argument("--task", choices=TASKS, default="paired", help="what the adapter learns (stored in metadata)")
+
+    g = p.add_argument_group("memory")
+    _bool_flag(g, "--gradient_checkpointing", "recompute activations in the backward pass (adapter and base UNet)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    _bool_flag(g, "--cache_latents", "encode the images with the VAE once, before training")
+    _bool_flag(g, "--cache_latents_to_disk", "like --cache_latents, stored beside the images (reused across runs)")
+    _bool_flag(g, "--cache_text_encoder_outputs", "encode each caption once and free the text encoder(s)")
+    _bool_flag(g, "--full_fp16", "trainable weights in fp16 too (experimental; saves memory)")
+    _bool_flag(g, "--full_bf16", "trainable weights in bf16 too (saves memory)")
+    _bool_flag(g, "--sdpa", "PyTorch scaled-dot-product attention (the default in diffusers)")
+    _bool_flag(g, "--xformers", "xformers attention (if installed)")
+    _bool_flag(g, "--lowram", "load the checkpoint straight to the GPU instead of RAM")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer_type", choices=OPTIMIZERS, default="AdamW")
+    g.add_argument("--optimizer_args", nargs="*", default=[], metavar="KEY=VALUE",
+                   help='extra optimizer arguments, e.g. weight_decay=0.01 "betas=0.9,0.99"')
+    _bool_flag(g, "--use_8bit_adam", "legacy alias of --optimizer_type AdamW8bit")
+    g.add_argument("--learning_rate", type=float, default=1e-5)
+    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant_with_warmup")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip (0 disables)")
+
+    g = p.add_argument_group("length and precision")
+    g.add_argument("--max_train_steps", type=int, default=1600)
+    g.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    g.add_argument("--save_precision", choices=("float", "fp16", "bf16"), default="fp16",
+                   help="dtype of the saved adapter")
+
+    g = p.add_argument_group("saving")
+    g.add_argument("--output_dir", type=str, default="outputs")
+    g.add_argument("--output_name", type=str, default="codi_adapter")
+    g.add_argument("--save_model_as", choices=("safetensors",), default="safetensors")
+    g.add_argument("--save_every_n_steps", type=int, default=None)
+    g.add_argument("--save_last_n_steps", type=int, default=None,
+                   help="keep only the intermediate saves of the last N steps")
+    g.add_argument("--training_comment", type=str, default=None)
+    _bool_flag(g, "--no_metadata", "write no ss_* provenance (modelspec.* and codi.* are always written)")
+    g.add_argument("--controlnet_layout", choices=("ldm", "diffusers"), default="ldm",
+                   help="key layout of a `controlnet` adapter file: ldm (ComfyUI/A1111/Forge read any size) or "
+                        "diffusers (ControlNetModel)")
+
+    g = p.add_argument_group("resume")
+    _bool_flag(g, "--save_state", "also save the full training state with every save (for --resume)")
+    _bool_flag(g, "--save_state_on_train_end", "save the full training state at the end")
+    g.add_argument("--resume", type=str, default=None, help="a saved state folder to continue from")
+
+    g = p.add_argument_group("samples")
+    g.add_argument("--sample_prompts", type=str,
+                   help="prompt file: one prompt per line with --n negative, --w/--h size, --d seed, --s steps, "
+                        "--l cfg, --cn condition image")
+    g.add_argument("--sample_every_n_steps", type=int, default=None)
+    _bool_flag(g, "--sample_at_first", "sample before the first step")
+    g.add_argument("--sample_sampler", choices=("ode", "consistency"), default="ode")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log_with", choices=("tensorboard", "wandb", "all"), default=None)
+    g.add_argument("--logging_dir", type=str, default=None)
+    g.add_argument("--log_prefix", type=str, default=None)
+
+    g = p.add_argument_group("adapter (CoDi)")
+    g.add_argument("--adapter_type", choices=("controlnet", "control-lora"), default=None,
+                   help="controlnet (full encoder copy, the paper's PE-CoDi) or control-lora (LoRA on the frozen "
+                        "encoder copy; default for SDXL)")
+    g.add_argument("--network_dim", type=int, default=64, help="LoRA rank of a control-lora adapter")
+    g.add_argument("--network_alpha", type=float, default=None, help="LoRA alpha (default: = network_dim)")
+    g.add_argument("--unet_lora_dim", type=int, default=0, help="also train a UNet LoRA of this rank (0: off)")
+    g.add_argument("--unet_lora_alpha", type=float, default=None)
+    g.add_argument("--conditioning_embedding_channels", type=str, default="16,32,96,256",
+                   help="hint CNN channels (ComfyUI requires 16,32,96,256)")
+
+    g = p.add_argument_group("CoDi distillation")
+    g.add_argument("--distill_grid", type=int, default=50, help="grid size N (timesteps t = i*1000//N)")
+    g.add_argument("--timestep_scaling", type=float, default=10.0, help="tau of the boundary scalings")
+    g.add_argument("--sigma_data", type=float, default=0.5)
+    g.add_argument("--no_boundary", action="store_true", help="disable the consistency boundary scalings")
+    g.add_argument("--ode_model", choices=("ema", "base", "online"), default="ema")
+    g.add_argument("--eps_source", choices=("ddim", "true"), default="ddim")
+    g.add_argument("--consistency_space", choices=("x", "eps"), default="x")
+    g.add_argument("--guidance_weight", type=float, default=1.0, help="lambda of ||f - x||^2")
+    g.add_argument("--min_snr_gamma", type=float, default=None)
+    g.add_argument("--ema_decay", type=float, default=0.999)
+    g.add_argument("--cfg_range", type=str, default=None,
+                   help="CFG-aware distillation: draw w in [w_min,w_max], e.g. 2,8 (default off)")
+    _bool_flag(g, "--distill_guidance", "condition the adapter on w so it samples at cfg 1 (needs --cfg_range)")
+    g.add_argument("--shared_timestep", choices=("true", "false"), default="true",
+                   help="one t for the whole batch (the paper's choice) or one per sample")
+    g.add_argument("--recommended_steps", type=int, default=4, help="stored in metadata for the nodes")
+    return p
+
+
+# diffusers spellings accepted as aliases
+ALIASES = {
+    "--pretrained_model_name_or_path": ["--pretrained_model"],
+    "--train_batch_size": ["--batch_size"],
+    "--conditioning_data_dir": ["--conditioning_image_dir"],
+    "--max_train_steps": ["--num_train_steps"],
+}
+
+
+def _apply_aliases(argv: list[str]) -> list[str]:
+    reverse = {alias: name for name, aliases in ALIASES.items() for alias in aliases}
+    out = []
+    for token in argv:
+        key, eq, value = token.partition("=")
+        out.append(reverse.get(key, key) + eq + value if key in reverse else token)
+    return out
+
+
+def load_toml(path: str | Path) -> dict:
+    """Read a config TOML. Sections (e.g. [model], [optimizer]) are flattened: only the leaf keys matter."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SystemExit(f"error: --config_file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SystemExit(f"error: --config_file {path} is not valid TOML: {exc}") from None
+    flat = {}
+
+    def walk(table):
+        for key, value in table.items():
+            if isinstance(value, dict):
+                walk(value)
+            else:
+                flat[key] = value
+
+    walk(data)
+    return flat
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = _apply_aliases(list(sys.argv[1:] if argv is None else argv))
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config_file:
+        values = load_toml(pre.config_file)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"unknown keys in {pre.config_file}: {', '.join(unknown)}")
+        for key, value in values.items():
+            if isinstance(value, list) and key != "optimizer_args":
+                values[key] = ",".join(str(v) for v in value)
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    return finalize(args, parser)
+
+
+def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Derived values and cross-flag checks, with errors that say what to change."""
+    if args.use_8bit_adam:
+        args.optimizer_type = "AdamW8bit"
+    if args.full_fp16 and args.full_bf16:
+        parser.error("--full_fp16 and --full_bf16 exclude each other")
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        parser.error("--full_fp16 needs --mixed_precision fp16")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        parser.error("--full_bf16 needs --mixed_precision bf16")
+    if args.network_alpha is None:
+        args.network_alpha = float(args.network_dim)
+    if args.unet_lora_alpha is None:
+        args.unet_lora_alpha = float(args.unet_lora_dim)
+    args.shared_timestep = str(args.shared_timestep).lower() == "true"
+    args.conditioning_embedding_channels = tuple(int(c) for c in str(args.conditioning_embedding_channels).split(","))
+    if args.cfg_range:
+        parts = [float(v) for v in str(args.cfg_range).split(",")]
+        if len(parts) != 2 or not 1.0 <= parts[0] <= parts[1]:
+            parser.error(f"--cfg_range must be w_min,w_max with 1 <= w_min <= w_max, got {args.cfg_range}")
+        args.cfg_range = tuple(parts)
+    if args.distill_guidance and not args.cfg_range:
+        parser.error("--distill_guidance needs --cfg_range (the guidance scales to distill)")
+    if args.resolution is not None:
+        parts = [int(v) for v in str(args.resolution).split(",")]
+        if len(parts) not in (1, 2) or min(parts) < 64 or any(v % 8 for v in parts):
+            parser.error(f"--resolution must be W or W,H, multiples of 8 and >= 64, got {args.resolution}")
+        args.resolution = (parts[0], parts[-1])
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "distill_grid",
+                 "dataset_repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    needs_model = args.output_config is None
+    if needs_model and not args.pretrained_model_name_or_path:
+        parser.error("--pretrained_model_name_or_path is required (a .safetensors/.ckpt file or a diffusers folder)")
+    if needs_model and not args.dry_run and not (args.train_data_dir or args.dataset_config):
+        parser.error("give the training images with --train_data_dir (or --dataset_config)")
+    return args
+
+
+def to_toml(args: argparse.Namespace) -> str:
+    """The effective configuration as TOML (flag names as keys; unset values omitted)."""
+    skip = {"config_file", "output_config", "dry_run"}
+    lines = ["# CoDi trainer configuration (python trainer/train.py --config_file this.toml)"]
+    for key, value in sorted(vars(args).items()):
+        if key in skip or value is None:
+            continue
+        lines.append(f"{key} = {_toml_value(key, value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(key, value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        if key == "optimizer_args":
+            return "[" + ", ".join(_toml_value(key, str(v)) for v in value) + "]"
+        return _toml_value(key, ",".join(str(v) for v in value))
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

@@ -1,0 +1,85 @@
+"""Full training state for ``--save_state`` / ``--resume``: live and EMA weights, optimizer, LR scheduler, RNG
+states, step and data position. Written atomically (a temporary folder renamed into place), read without
+unpickling anything but plain tensors/containers (``torch.load(weights_only=True)``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILES = ("trainable.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt",
+               "trainer_state.json")
+
+
+class StateError(ValueError):
+    """A state folder given to --resume is missing, incomplete or from a different setup."""
+
+
+def save_training_state(folder: Path, trainable: dict[str, torch.Tensor], ema, optimizer, lr_scheduler,
+                        progress: dict) -> Path:
+    """Write the state to ``folder`` (replacing it atomically). ``progress`` is JSON: step, epoch, position, ..."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in trainable.items()},
+              str(tmp / "trainable.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**progress, "ema_num_updates": ema.num_updates,
+                                                       "ema_decay": ema.decay}, indent=2))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def read_progress(folder: Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StateError(f"--resume {folder}: not a folder (give a state folder written with --save_state)")
+    missing = [name for name in STATE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise StateError(f"--resume {folder}: incomplete state, missing {', '.join(missing)}")
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def load_training_state(folder: Path, trainable: dict[str, torch.nn.Parameter], ema, optimizer,
+                        lr_scheduler) -> dict:
+    """Restore everything saved by :func:`save_training_state` in place; returns the progress dict."""
+    folder = Path(folder)
+    progress = read_progress(folder)
+    weights = load_file(str(folder / "trainable.safetensors"))
+    if weights.keys() != trainable.keys():
+        missing = sorted(trainable.keys() - weights.keys())[:5]
+        extra = sorted(weights.keys() - trainable.keys())[:5]
+        raise StateError(f"--resume {folder}: the saved weights belong to another adapter setup "
+                         f"(missing {missing}, unexpected {extra}); resume with the same adapter flags")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            if param.shape != weights[name].shape:
+                raise StateError(f"--resume {folder}: {name} has shape {tuple(weights[name].shape)} in the "
+                                 f"state but {tuple(param.shape)} now (different --network_dim?)")
+            param.copy_(weights[name].to(param.device, param.dtype))
+    ema.load_state_dict({"decay": progress["ema_decay"], "num_updates": progress["ema_num_updates"],
+                         "shadow": load_file(str(folder / "ema.safetensors"))})
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
+    rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return progress
