@@ -12,6 +12,9 @@ import pytest
 
 from harness import REPO_ROOT, ComfyUINotPrepared, make_base_dir, require_comfyui
 
+# session fixtures with random-weight checkpoints (micro_sd15, small_sd2v, small_sdxl, sd_diffusers_folder, ...)
+pytest_plugins = ["model_builders"]
+
 
 class _RepoRootIsNotATestPackage:
     """The repo root has an ``__init__.py`` (the ComfyUI entry point, which imports ``comfy_api``): pytest would collect

@@ -1,0 +1,1 @@
+"""CoDi trainer: distills few-step conditional adapters from a user's Stable Diffusion checkpoint."""
