@@ -6,9 +6,19 @@ The real ComfyUI (layer C) is prepared by ``make comfyui`` (``make test`` does i
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# One intra-op thread: on the 2-core test machines torch with 2 threads runs these small models 10-60x slower (thread
+# contention with the other processes the suite starts). Subprocesses (trainer runs, ComfyUI) inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+import pytest  # noqa: E402
 
 from harness import REPO_ROOT, ComfyUINotPrepared, make_base_dir, require_comfyui
 

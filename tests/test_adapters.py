@@ -39,15 +39,6 @@ MICRO_SD15 = dict(block_out_channels=(320,), layers_per_block=1, down_block_type
                   norm_num_groups=32, sample_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threading costs more than it gains (10-100x slower on a shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_unet(config=TINY, seed=0) -> UNet2DConditionModel:
     """A frozen base UNet, as the trainer holds it. (Frozen also matters for bit-exact comparisons: torch picks
     another, last-bit-different linear kernel for 3-D inputs when the weight requires grad, even under no_grad, and

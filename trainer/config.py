@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema_decay", type=float, default=0.999)
     g.add_argument("--cfg_range", type=str, default=None,
                    help="CFG-aware distillation: draw w in [w_min,w_max], e.g. 2,8 (default off)")
-    _bool_flag(g, "--distill_guidance", "condition the adapter on w so it samples at cfg 1 (needs --cfg_range)")
+    _bool_flag(g, "--distill_guidance", "condition the adapter on w so it samples at cfg 1 (not available yet)")
     g.add_argument("--shared_timestep", choices=("true", "false"), default="true",
                    help="one t for the whole batch (the paper's choice) or one per sample")
     g.add_argument("--recommended_steps", type=int, default=4, help="stored in metadata for the nodes")
@@ -244,8 +244,11 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         if len(parts) != 2 or not 1.0 <= parts[0] <= parts[1]:
             parser.error(f"--cfg_range must be w_min,w_max with 1 <= w_min <= w_max, got {args.cfg_range}")
         args.cfg_range = tuple(parts)
-    if args.distill_guidance and not args.cfg_range:
-        parser.error("--distill_guidance needs --cfg_range (the guidance scales to distill)")
+    if args.distill_guidance:
+        # A w-conditioned adapter needs a guidance embedding that the stock ComfyUI/A1111 loaders cannot read; it
+        # arrives together with the CoDi nodes that can. Refuse rather than train an adapter that ignores w.
+        parser.error("--distill_guidance (w-conditioned adapters sampled at cfg 1) is not available yet; use "
+                     "--cfg_range w_min,w_max alone for CFG-aware distillation")
     if args.resolution is not None:
         parts = [int(v) for v in str(args.resolution).split(",")]
         if len(parts) not in (1, 2) or min(parts) < 64 or any(v % 8 for v in parts):

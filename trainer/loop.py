@@ -8,6 +8,7 @@ of ``(seed, epoch)``. So a run resumed from a saved state continues exactly as i
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import math
 import os
@@ -223,9 +224,9 @@ def adapter_metadata(args, models: Models, step: int, num_images: int, resolutio
         task=args.task, adapter_type=models.adapter_type, unet_lora=models.unet_lora is not None,
         distill_grid=args.distill_grid, timestep_scaling=args.timestep_scaling, sigma_data=args.sigma_data,
         boundary=not args.no_boundary, prediction_type=base.prediction_type,
-        guidance_mode=("distill" if args.distill_guidance else "cfg") if args.cfg_range else "none",
+        guidance_mode="cfg" if args.cfg_range else "none",
         cfg_range=args.cfg_range or (1.0, 1.0), recommended_steps=min(args.recommended_steps, 8),
-        recommended_cfg=1.0 if (args.distill_guidance or not args.cfg_range) else float(args.cfg_range[0]),
+        recommended_cfg=float(args.cfg_range[0]) if args.cfg_range else 1.0,
         sampler_mode=args.sample_sampler, hint_preprocessing={"type": args.task},
     )
     return export.build_metadata(
@@ -360,8 +361,7 @@ def train(args) -> dict:
         ode_model=args.ode_model, eps_source=args.eps_source, consistency_space=args.consistency_space,
         guidance_weight=args.guidance_weight, min_snr_gamma=args.min_snr_gamma, boundary=not args.no_boundary,
         sigma_data=args.sigma_data, timestep_scaling=args.timestep_scaling,
-        guidance_mode=("distill" if args.distill_guidance else "cfg") if args.cfg_range else "none",
-        cfg_range=args.cfg_range or (2.0, 8.0))
+        guidance_mode="cfg" if args.cfg_range else "none", cfg_range=args.cfg_range or (2.0, 8.0))
 
     def target_fn(z, t, cond, w=None):
         with ema_unet_lora(models, ema):
@@ -475,6 +475,9 @@ def train(args) -> dict:
                               micro_step, epoch, position)
     if sample_prompts and args.sample_every_n_steps:
         generate_samples(args, models, ema, schedule, sample_prompts, step, resolution, device, text_cache)
+    # Every rank reports a checksum of its weights: equal lines mean the processes stayed in sync.
+    print(f"codi: rank {accelerator.process_index}/{accelerator.num_processes} trainable-weights checksum "
+          f"{weights_checksum(trainable, ema)}", flush=True)
     peak = peak_memory_bytes(device)
     summary = {"steps": step, "steps_this_run": step - start_step, "seconds": elapsed,
                "peak_memory_gib": peak / memory.GIB, "final_loss": losses[-1] if losses else None,
@@ -548,6 +551,14 @@ class unet_lora_disabled:
     def __exit__(self, *exc):
         if self.lora is not None:
             self.lora.set_enabled(True)
+
+
+def weights_checksum(trainable: dict, ema: cs.EMA) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(trainable):
+        for tensor in (trainable[name], ema.shadow[name]):
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def peak_memory_bytes(device) -> int:
