@@ -214,6 +214,24 @@ def build_micro_sd15(path, seed: int = 0, *, text_dtype: torch.dtype = torch.flo
     return BuiltCheckpoint(path, "sd1", unet, vae, [clip], {}, time.perf_counter() - start)
 
 
+def build_full_sd15(path, seed: int = 0, *, dtype: torch.dtype = torch.float16) -> BuiltCheckpoint:
+    """Full-size SD1.5 architecture (UNet 859.5M, CLIP-L, VAE) with random weights, stored in ``dtype`` (for
+    benchmarks: memory and speed do not depend on the weights' values)."""
+    from trainer.checkpoints import standard_unet_config
+
+    start = time.perf_counter()
+    config = dict(standard_unet_config("sd1"))
+    config.pop("norm_num_groups", None)
+    unet = make_unet(seed, **config)
+    clip = make_clip(seed + 1, hidden=768, layers=12, intermediate=3072, open_clip=False)
+    vae = make_vae(seed + 2, [128, 256, 512, 512], 2, 0.18215)
+    tensors = {**{k: v.to(dtype) for k, v in unet_to_ldm(unet).items()},
+               **clip_to_ldm(clip, "cond_stage_model.transformer.", stored_as(clip, dtype)),
+               **vae_to_ldm(vae, stored_as(vae, dtype))}
+    path = _write(path, tensors, None)
+    return BuiltCheckpoint(path, "sd1", unet, vae, [clip], {}, time.perf_counter() - start)
+
+
 def build_small_sd2v(path, seed: int = 0, *, v_marker: str | None = "key") -> BuiltCheckpoint:
     """Small SD2.x: UNet 64/128 channels (heads = channels / 64, linear projections), 2-layer OpenCLIP text encoder
     (width 64) in ``cond_stage_model.model.*``, small VAE. ``v_marker``: ``"key"`` (a ``v_pred`` tensor, as ComfyUI

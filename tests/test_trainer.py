@@ -312,3 +312,19 @@ def test_help_and_clear_errors(tmp_path, gray_pairs):
 
     with pytest.raises(DataError, match="1 of 1 images have no condition image.*only.png"):
         collect_paired_items(empty, gray_pairs / "conditions")
+
+
+def test_bf16_mixed_precision_logging_and_pruning(small_sdxl, gray_pairs, tmp_path, sd1_tokenizer_dir):
+    """The half-precision path on CPU (bf16 autocast; frozen base in bf16, trainable weights fp32), tensorboard logs
+    and --save_last_n_steps pruning."""
+    code = train_main(base_args(small_sdxl.path, gray_pairs, tmp_path, sd1_tokenizer_dir, "--max_train_steps", "4",
+                                "--mixed_precision", "bf16", "--save_every_n_steps", "1", "--save_last_n_steps", "1",
+                                "--log_with", "tensorboard", "--logging_dir", str(tmp_path / "logs"),
+                                "--network_dim", "4", "--save_precision", "bf16"))
+    assert code == 0
+    tensors, metadata = read_adapter(tmp_path / "adapter.safetensors")
+    assert metadata["ss_mixed_precision"] == "bf16" and metadata["codi.adapter_type"] == "control-lora"  # SDXL default
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values() if t.is_floating_point() and t.numel())
+    kept = sorted(p.name for p in tmp_path.glob("adapter-step*.safetensors"))
+    assert kept == ["adapter-step00000002.safetensors", "adapter-step00000003.safetensors"]
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))

@@ -297,6 +297,11 @@ def train(args) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps a process-wide singleton; a second train() in the same process (tests, notebooks) with other
+    # precision settings must start from a clean one.
+    AcceleratorState._reset_state(reset_partial_state=True)
     log_with = None if args.log_with is None else (["tensorboard", "wandb"] if args.log_with == "all"
                                                     else args.log_with)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -396,8 +401,7 @@ def train(args) -> dict:
     start_time, start_step = time.time(), step
     last_saved: list[Path] = []
     losses = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
 
     online.train()
     while step < max_steps:
@@ -485,7 +489,8 @@ def train(args) -> dict:
                "num_processes": accelerator.num_processes}
     _print(accelerator, f"codi: done: {step} steps ({step - start_step} this run) in {elapsed:.1f} s "
                         f"({(step - start_step) / max(elapsed, 1e-9):.2f} it/s), peak memory "
-                        f"{peak / memory.GIB:.2f} GiB ({'GPU' if device.type == 'cuda' else 'process RSS'}); "
+                        f"{peak / memory.GIB:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'} during "
+                        f"training); "
                         f"adapter: {', '.join(summary['adapter'])}")
     accelerator.end_training()
     return summary
@@ -561,9 +566,29 @@ def weights_checksum(trainable: dict, ema: cs.EMA) -> str:
     return digest.hexdigest()[:16]
 
 
+def reset_peak_memory(device) -> None:
+    """Start measuring the peak from here: CUDA's allocator peak, or (CPU) the process's peak RSS, which Linux resets
+    when ``5`` is written to ``/proc/self/clear_refs``."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass  # not Linux: the peak then covers model loading too
+
+
 def peak_memory_bytes(device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
