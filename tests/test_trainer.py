@@ -328,3 +328,14 @@ def test_bf16_mixed_precision_logging_and_pruning(small_sdxl, gray_pairs, tmp_pa
     kept = sorted(p.name for p in tmp_path.glob("adapter-step*.safetensors"))
     assert kept == ["adapter-step00000002.safetensors", "adapter-step00000003.safetensors"]
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_gradient_accumulation_counts_optimizer_steps(small_sd2v, gray_pairs, tmp_path, sd1_tokenizer_dir,
+                                                      capsys):
+    code = train_main(base_args(small_sd2v.path, gray_pairs, tmp_path, sd1_tokenizer_dir, "--max_train_steps", "2",
+                                "--gradient_accumulation_steps", "2", "--adapter_type", "control-lora",
+                                "--network_dim", "4", "--save_state_on_train_end"))
+    assert code == 0
+    _, metadata = read_adapter(tmp_path / "adapter.safetensors")
+    state = json.loads((tmp_path / "adapter-state" / "trainer_state.json").read_text())
+    assert metadata["ss_steps"] == "2" and state["step"] == 2 and state["micro_step"] == 4
