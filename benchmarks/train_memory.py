@@ -92,6 +92,7 @@ def main() -> int:
     ckpt, data = make_inputs(workdir, opts.resolution)
     rows = []
     started = time.time()
+    load_at_start = os.getloadavg()[0]
     for adapter, optimizer, checkpointing in itertools.product(("controlnet", "control-lora"),
                                                                 ("AdamW", "AdamW8bit"), (False, True)):
         common = ["--pretrained_model_name_or_path", str(ckpt), "--tokenizer_path", tokenizer_dir(),
@@ -114,11 +115,13 @@ def main() -> int:
         rows.append((adapter, optimizer, checkpointing, trainable, predicted, measured, seconds))
         print(f"    predicted {predicted:.2f} GiB, measured {measured:.2f} GiB, step {seconds:.1f} s", flush=True)
 
-    write_report(Path(opts.out), rows, opts, machine_description(opts.mixed_precision), time.time() - started)
+    load = max(load_at_start, os.getloadavg()[0])
+    write_report(Path(opts.out), rows, opts, machine_description(opts.mixed_precision), time.time() - started,
+                 load)
     return 0
 
 
-def write_report(path: Path, rows, opts, machine: str, seconds: float) -> None:
+def write_report(path: Path, rows, opts, machine: str, seconds: float, load: float) -> None:
     on_gpu = opts.mixed_precision != "no"
     kind = "peak GPU memory allocated" if on_gpu else "peak process RSS during training (float32)"
     lines = [
@@ -136,6 +139,14 @@ def write_report(path: Path, rows, opts, machine: str, seconds: float) -> None:
     for adapter, optimizer, ckpt, trainable, predicted, measured, step in rows:
         lines.append(f"| {adapter} | {optimizer} | {'on' if ckpt else 'off'} | {trainable:,} | {predicted:.2f} | "
                      f"{measured:.2f} | {measured / predicted:.2f} | {step:.1f} |")
+    lines += ["", "What the numbers include: the measured peak covers the whole step (ODE and target forwards, the "
+              "online forward and backward, the optimizer update and its temporaries, the EMA update) on top of every "
+              "frozen weight (UNet, VAE, CLIP, the adapter); the prediction sums the steady components and the "
+              "activations autograd saves, so it undershoots where transient buffers (backward of the largest "
+              "layers, optimizer temporaries) set the peak — most visibly with gradient checkpointing on."]
+    if load > (os.cpu_count() or 1) * 0.75:
+        lines += ["", f"Step times are NOT comparable in this run: other processes kept the load average at {load:.1f} "
+                  f"on {os.cpu_count()} cores while it ran. The memory numbers are unaffected."]
     lines += ["", "Ratios side by side (same run):", ""]
     by_key = {(r[0], r[1], r[2]): r for r in rows}
     for adapter in ("controlnet", "control-lora"):
@@ -158,7 +169,7 @@ def write_report(path: Path, rows, opts, machine: str, seconds: float) -> None:
                          f"{'met' if best <= goal else 'NOT met'}")
     else:
         lines.append("This run had no GPU, so the goals are not measured here: the CPU numbers above hold every "
-                     "weight in float32 (the frozen base alone is ~4x its fp16 size on a GPU). Rerun with "
+                     "weight in float32 (the frozen base alone is 2x its fp16 size on a GPU). Rerun with "
                      "`--mixed_precision fp16` on a CUDA machine to check them.")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
