@@ -339,3 +339,28 @@ def test_gradient_accumulation_counts_optimizer_steps(small_sd2v, gray_pairs, tm
     _, metadata = read_adapter(tmp_path / "adapter.safetensors")
     state = json.loads((tmp_path / "adapter-state" / "trainer_state.json").read_text())
     assert metadata["ss_steps"] == "2" and state["step"] == 2 and state["micro_step"] == 4
+
+
+def test_quality_report_after_training(small_sd2v, tmp_path, sd1_tokenizer_dir, gray_pairs):
+    """--task sr generates the low-res hints on the fly; --validation_split holds out images; --quality_report
+    scores the adapter at 1 and 2 steps next to the bicubic baseline and writes report.md, a plot and a grid."""
+    out = tmp_path / "out"
+    code = train_main(["--pretrained_model_name_or_path", str(small_sd2v.path), "--tokenizer_path",
+                       str(sd1_tokenizer_dir), "--train_data_dir", str(gray_pairs / "images"), "--caption_extension",
+                       ".txt", "--task", "sr", "--sr_scale", "4", "--resolution", "64", "--validation_split", "0.25",
+                       "--max_train_steps", "2", "--adapter_type", "control-lora", "--network_dim", "4",
+                       "--quality_report", "--quality_report_steps", "1,2", "--cache_text_encoder_outputs",
+                       "--output_dir", str(out), "--output_name", "sr"])
+    assert code == 0
+    report_dir = out / "sr-report"
+    text = (report_dir / "report.md").read_text()
+    print(text)
+    assert "CoDi 1 step" in text and "CoDi 2 steps" in text and "bicubic" in text
+    for name in ("quality_vs_steps.png", "grid.png"):
+        assert (report_dir / name).stat().st_size > 1000
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert metrics
+    _, metadata = read_adapter(out / "sr.safetensors")
+    assert metadata["codi.task"] == "sr"
+    assert json.loads(metadata["codi.hint_preprocessing"]) == {"type": "sr", "scale": 4, "upsample": "bicubic",
+                                                             "antialias": False}

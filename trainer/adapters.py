@@ -346,6 +346,14 @@ def build_adapter(unet: nn.Module, adapter_type: str, *, network_dim: int = 16, 
     return ControlLoraAdapter(unet, network_dim, network_alpha, channels)
 
 
+def text_conditioning(text: dict, hint: torch.Tensor) -> dict:
+    """The ``cond`` dict of :func:`adapted_unet_output` from ``BaseModel.encode_text`` output and a hint batch."""
+    cond = {"encoder_hidden_states": text["encoder_hidden_states"], "hint": hint}
+    if "added_cond_kwargs" in text:
+        cond["added_cond_kwargs"] = text["added_cond_kwargs"]
+    return cond
+
+
 def adapted_unet_output(unet: nn.Module, adapter: Adapter | None, sample, timestep, cond: dict) -> torch.Tensor:
     """``unet(...).sample`` with the adapter's residuals added (``adapter=None``: the plain base UNet).
     ``cond``: ``encoder_hidden_states``, ``hint``, optional ``added_cond_kwargs`` and ``conditioning_scale``."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Lion", "Adafactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LIST_FLAGS = ("optimizer_args", "condition_args")  # nargs="*" flags, lists in TOML
 TASKS = ("sr", "inpaint", "canny", "depth", "gray", "blur", "jpeg", "paired")
 
 
@@ -70,7 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "--flip_aug", "random horizontal flips (target and condition flip together)")
     g.add_argument("--max_data_loader_n_workers", type=int, default=0)
     g.add_argument("--dataset_repeats", type=int, default=1)
-    g.add_argument("--task", choices=TASKS, default="paired", help="what the adapter learns (stored in metadata)")
+    g.add_argument("--task", choices=TASKS, default="paired",
+                   help="what the adapter learns (stored in metadata). Without --conditioning_data_dir, sr, inpaint, "
+                        "canny, gray, blur and jpeg conditions are generated on the fly from the cropped target")
+    _bool_flag(g, "--random_crop", "random instead of center crops (not with --cache_latents)")
+    g.add_argument("--min_bucket_reso", type=int, default=None,
+                   help="smallest bucket side (default: min(256, resolution))")
+    g.add_argument("--max_bucket_reso", type=int, default=None,
+                   help="largest bucket side (default: max(1024, resolution))")
+    g.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this")
+    _bool_flag(g, "--skip_missing", "train without images that have no condition image (reported with their count) "
+                                    "instead of stopping")
+    g.add_argument("--validation_split", type=float, default=0.0,
+                   help="hold out this fraction of the images (by image, chosen by --validation_seed) for validation")
+    g.add_argument("--validation_seed", type=int, default=None, help="seed of the validation split (default --seed)")
+    g.add_argument("--validation_data_dir", type=str, default=None, help="separate validation images")
+    g.add_argument("--validation_conditioning_data_dir", type=str, default=None,
+                   help="condition images of --validation_data_dir (paired conditions)")
+    g.add_argument("--sr_scale", type=int, default=None, help="sr condition: downscale factor (2, 4, 8)")
+    g.add_argument("--canny_low", type=int, default=None, help="canny condition: low threshold")
+    g.add_argument("--canny_high", type=int, default=None, help="canny condition: high threshold")
+    g.add_argument("--condition_args", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more options of the generated condition, e.g. jpeg_quality=30")
 
     g = p.add_argument_group("memory")
     _bool_flag(g, "--gradient_checkpointing", "recompute activations in the backward pass (adapter and base UNet)")
@@ -128,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_every_n_steps", type=int, default=None)
     _bool_flag(g, "--sample_at_first", "sample before the first step")
     g.add_argument("--sample_sampler", choices=("ode", "consistency"), default="ode")
+
+    g = p.add_argument_group("quality report")
+    _bool_flag(g, "--quality_report", "after training, score the adapter on the validation pairs (PSNR, SSIM, task "
+                                      "metric at --quality_report_steps vs the trivial baseline): report.md, a "
+                                      "quality-vs-steps plot and an image grid in <output_dir>/<output_name>-report")
+    g.add_argument("--quality_report_steps", type=str, default="1,2,4")
+    g.add_argument("--quality_reference_steps", type=int, default=None,
+                   help="also sample the same adapter with plain DDIM at this many steps (e.g. 50)")
+    g.add_argument("--quality_max_pairs", type=int, default=16, help="validation pairs scored at most")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log_with", choices=("tensorboard", "wandb", "all"), default=None)
@@ -216,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             parser.error(f"unknown keys in {pre.config_file}: {', '.join(unknown)}")
         for key, value in values.items():
-            if isinstance(value, list) and key != "optimizer_args":
+            if isinstance(value, list) and key not in LIST_FLAGS:
                 values[key] = ",".join(str(v) for v in value)
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
@@ -258,8 +289,13 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
                  "dataset_repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.validation_split < 1.0:
+        parser.error(f"--validation_split must be in [0, 1), got {args.validation_split}")
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    args.quality_report_steps = tuple(int(v) for v in str(args.quality_report_steps).split(","))
+    if args.quality_report and not (args.validation_split or args.validation_data_dir):
+        parser.error("--quality_report scores held-out pairs: add --validation_split 0.1 or --validation_data_dir")
     needs_model = args.output_config is None
     if needs_model and not args.pretrained_model_name_or_path:
         parser.error("--pretrained_model_name_or_path is required (a .safetensors/.ckpt file or a diffusers folder)")
@@ -285,7 +321,7 @@ def _toml_value(key, value) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, (list, tuple)):
-        if key == "optimizer_args":
+        if key in LIST_FLAGS:
             return "[" + ", ".join(_toml_value(key, str(v)) for v in value) + "]"
         return _toml_value(key, ",".join(str(v) for v in value))
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')

@@ -22,9 +22,11 @@ import torch
 
 import ccd_sampler as cs
 from trainer import adapters as adapter_lib
+from trainer.adapters import text_conditioning
 from trainer import export, memory, state
 from trainer.checkpoints import load_base_model, model_hash
-from trainer.data import (DataError, EpochBatches, PairedImageDataset, collate, collect_paired_items)
+from trainer.caching import LatentCache, TextCache
+from trainer.data import DataError, EpochBatches, build_datasets, collate
 from trainer.optim import (build_lr_scheduler, build_optimizer, optimizer_state_bytes_per_param,
                            parse_optimizer_args)
 from trainer.samples import load_condition, read_prompt_file, save_image_grid
@@ -120,12 +122,8 @@ def tie_target_to_ema(models: Models, ema: cs.EMA) -> None:
 
 
 def build_dataset(args, resolution):
-    if args.dataset_config:
-        raise DataError("--dataset_config (kohya dataset TOML) is not supported by this version yet; use "
-                        "--train_data_dir and --conditioning_data_dir")
-    items = collect_paired_items(args.train_data_dir, args.conditioning_data_dir, args.caption_extension,
-                                 args.default_caption)
-    return PairedImageDataset(items, resolution, flip_aug=args.flip_aug, seed=args.seed)
+    """The training dataset (``build_datasets`` also gives the validation one): see :mod:`trainer.data`."""
+    return build_datasets(args, resolution)[0]
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -144,55 +142,6 @@ def encode_latents(vae, pixels: torch.Tensor, indices, seed: int, scaling_factor
     return (dist.mean + dist.std * noise) * scaling_factor
 
 
-class LatentCache:
-    """Latents of every item, computed once (``--cache_latents``) and optionally stored on disk beside the images
-    (``--cache_latents_to_disk``; reused when the image file and the settings are unchanged)."""
-
-    def __init__(self, dataset, base, args, device, accelerator):
-        from safetensors.torch import load_file, save_file
-
-        self.latents = {}
-        width, height = dataset.resolution
-        key = f"{width}x{height}-seed{args.seed}-{base.architecture}"
-        todo = []
-        for index, item in enumerate(dataset.items):
-            path = item.image_path.with_name(f"{item.image_path.name}.codi-{key}.safetensors")
-            stat = item.image_path.stat()
-            stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
-            if args.cache_latents_to_disk and path.is_file():
-                from safetensors import safe_open
-
-                with safe_open(str(path), "pt") as fh:
-                    if (fh.metadata() or {}).get("source") == stamp:
-                        self.latents[index] = fh.get_tensor("latent")
-                        continue
-            todo.append((index, path, stamp))
-        for index, path, stamp in todo:
-            sample = dataset[index]
-            latent = encode_latents(base.vae, sample["pixel_values"].unsqueeze(0), [index], args.seed,
-                                    base.vae_scaling_factor)[0].float().cpu()
-            self.latents[index] = latent
-            if args.cache_latents_to_disk and accelerator.is_main_process:
-                save_file({"latent": latent.contiguous()}, str(path), metadata={"source": stamp})
-        self.encoded = len(todo)
-        del load_file
-
-    def get(self, indices) -> torch.Tensor:
-        return torch.stack([self.latents[int(i)] for i in indices])
-
-
-class TextCache:
-    """Text-encoder outputs per caption (``--cache_text_encoder_outputs``), computed once."""
-
-    def __init__(self, base, captions, device):
-        self.outputs = {}
-        for caption in sorted(set(captions) | {""}):
-            self.outputs[caption] = _to(base.encode_text([caption], device=device), "cpu")
-
-    def get(self, captions, device):
-        return _to(_cat([self.outputs[c] for c in captions]), device)
-
-
 def _to(tree, device):
     if isinstance(tree, torch.Tensor):
         return tree.to(device)
@@ -208,17 +157,26 @@ def _cat(trees):
     return {k: _cat([t[k] for t in trees]) for k in first}
 
 
-def text_conditioning(text: dict, hint: torch.Tensor) -> dict:
-    cond = {"encoder_hidden_states": text["encoder_hidden_states"], "hint": hint}
-    if "added_cond_kwargs" in text:
-        cond["added_cond_kwargs"] = text["added_cond_kwargs"]
-    return cond
-
-
 # ------------------------------------------------------------------------------------------------ saving
 
 
-def adapter_metadata(args, models: Models, step: int, num_images: int, resolution) -> dict[str, str]:
+def hint_preprocessing_of(dataset) -> dict:
+    """``codi.hint_preprocessing``: how the training hints were built (the nodes build inference hints the same way).
+    Several different conditions in one dataset are listed under ``"mixed"``."""
+    from trainer.conditions import make_condition_builder
+
+    kinds = {}
+    for item in dataset.items:
+        if (item.condition, item.condition_options) not in kinds:
+            kinds[(item.condition, item.condition_options)] = (
+                {"type": "paired"} if item.condition == "paired"
+                else make_condition_builder(item.condition, **dict(item.condition_options)).hint_preprocessing())
+    values = list(kinds.values())
+    return values[0] if len(values) == 1 else {"type": "mixed", "conditions": values}
+
+
+def adapter_metadata(args, models: Models, step: int, num_images: int, resolution,
+                     hint_preprocessing: dict | None = None) -> dict[str, str]:
     base = models.base
     codi = cs.CoDiMetadata(
         task=args.task, adapter_type=models.adapter_type, unet_lora=models.unet_lora is not None,
@@ -227,7 +185,7 @@ def adapter_metadata(args, models: Models, step: int, num_images: int, resolutio
         guidance_mode="cfg" if args.cfg_range else "none",
         cfg_range=args.cfg_range or (1.0, 1.0), recommended_steps=min(args.recommended_steps, 8),
         recommended_cfg=float(args.cfg_range[0]) if args.cfg_range else 1.0,
-        sampler_mode=args.sample_sampler, hint_preprocessing={"type": args.task},
+        sampler_mode=args.sample_sampler, hint_preprocessing=hint_preprocessing or {"type": args.task},
     )
     return export.build_metadata(
         codi=codi, base_architecture=base.modelspec_architecture, adapter_type=models.adapter_type,
@@ -250,7 +208,7 @@ def adapter_metadata(args, models: Models, step: int, num_images: int, resolutio
     )
 
 
-def save_adapter_files(args, models: Models, ema: cs.EMA, step: int, num_images: int, resolution,
+def save_adapter_files(args, models: Models, ema: cs.EMA, step: int, dataset, resolution,
                        suffix: str = "") -> list[Path]:
     """Write the EMA adapter (and UNet LoRA) as safetensors with metadata; returns the paths."""
     out_dir = Path(args.output_dir)
@@ -258,7 +216,7 @@ def save_adapter_files(args, models: Models, ema: cs.EMA, step: int, num_images:
     save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_precision]
     ema_adapter = {n[len("adapter."):]: t for n, t in ema.shadow.items() if n.startswith("adapter.")}
     tensors = models.adapter.export_state_dict(ema_adapter, layout=args.controlnet_layout)
-    metadata = adapter_metadata(args, models, step, num_images, resolution)
+    metadata = adapter_metadata(args, models, step, len(dataset.items), resolution, hint_preprocessing_of(dataset))
     path = out_dir / f"{args.output_name}{suffix}.safetensors"
     export.save_adapter(path, tensors, metadata, dtype=save_dtype)
     paths = [path]
@@ -337,9 +295,13 @@ def train(args) -> dict:
                             f"{'on' if args.gradient_checkpointing else 'off'}):\n" + prediction.report())
         return {"trainable": n_trainable, "frozen": n_frozen, "memory": prediction}
 
-    dataset = build_dataset(args, resolution)
-    batches = EpochBatches(len(dataset), args.train_batch_size, args.seed, accelerator.num_processes,
-                           accelerator.process_index, args.dataset_repeats)
+    dataset, validation_dataset = build_datasets(args, resolution)
+    resolution = dataset.resolution  # a dataset TOML may set it
+    _print(accelerator, "codi: " + dataset.summary())
+    if validation_dataset is not None:
+        _print(accelerator, "codi: " + validation_dataset.summary())
+    batches = EpochBatches.from_dataset(dataset, args.train_batch_size, args.seed, accelerator.num_processes,
+                                        accelerator.process_index)
     micro_per_epoch = len(batches)
     steps_per_epoch = max(1, micro_per_epoch // args.gradient_accumulation_steps)
     max_steps = args.max_train_steps if args.max_train_epochs is None else args.max_train_epochs * steps_per_epoch
@@ -350,13 +312,14 @@ def train(args) -> dict:
 
     latent_cache = text_cache = None
     if args.cache_latents or args.cache_latents_to_disk:
-        if args.flip_aug:
-            raise DataError("--flip_aug cannot be combined with --cache_latents (the cache holds unflipped "
-                            "latents); drop one of them")
         latent_cache = LatentCache(dataset, base, args, device, accelerator)
-        _print(accelerator, f"codi: cached latents for {len(dataset)} images ({latent_cache.encoded} encoded)")
+        _print(accelerator, f"codi: cached latents for {len(dataset)} images ({latent_cache.encoded} encoded, "
+                            f"{latent_cache.loaded} read from disk)")
     if args.cache_text_encoder_outputs:
-        text_cache = TextCache(base, [item.caption for item in dataset.items], device)
+        captions = [item.caption for item in dataset.items]
+        if validation_dataset is not None:
+            captions += [item.caption for item in validation_dataset.items]
+        text_cache = TextCache(base, captions, device)
         base.text_encoders.clear()
         gc.collect()
     uncond_text = (text_cache.get([""], device) if text_cache else base.encode_text([""], device=device))
@@ -410,15 +373,13 @@ def train(args) -> dict:
         dataset.set_epoch(epoch)
         indices = batches.batch(epoch, position)
         with accelerator.accumulate(online):
-            batch = collate([dataset[i] for i in indices]) if latent_cache is None else None
+            batch = collate([dataset.get(i, epoch, pixels=latent_cache is None) for i in indices])
             if latent_cache is not None:
-                latents = latent_cache.get(indices).to(device, weight_dtype)
-                hints = torch.stack([dataset[i]["hint"] for i in indices]).to(device, weight_dtype)
-                captions = [dataset.items[i].caption for i in indices]
+                latents = latent_cache.get(indices, batch["flip"]).to(device, weight_dtype)
             else:
                 latents = encode_latents(base.vae, batch["pixel_values"], indices, args.seed,
                                          base.vae_scaling_factor).to(weight_dtype)
-                hints, captions = batch["hint"].to(device, weight_dtype), batch["caption"]
+            hints, captions = batch["hint"].to(device, weight_dtype), batch["caption"]
             text = text_cache.get(captions, device) if text_cache else base.encode_text(captions, device=device)
             cond = text_conditioning(text, hints)
             uncond = text_conditioning(_cat([uncond_text] * len(indices)), hints) if args.cfg_range else None
@@ -431,7 +392,7 @@ def train(args) -> dict:
                 loss = loss * float("nan")
             finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1).float()).min().item() == 1.0
             if not finite:
-                raise nan_stop(args, models, ema, step, last_saved, diag, len(dataset), resolution, accelerator)
+                raise nan_stop(args, models, ema, step, last_saved, diag, dataset, resolution, accelerator)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(list(trainable.values()), args.max_grad_norm)
@@ -459,7 +420,7 @@ def train(args) -> dict:
         if args.save_every_n_steps and step % args.save_every_n_steps == 0 and not is_last:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                last_saved = save_adapter_files(args, models, ema, step, len(dataset), resolution,
+                last_saved = save_adapter_files(args, models, ema, step, dataset, resolution,
                                                 suffix=f"-step{step:08d}")
                 if args.save_state:
                     save_state_folder(args, f"{args.output_name}-step{step:08d}-state", trainable, ema,
@@ -473,12 +434,16 @@ def train(args) -> dict:
     elapsed = time.time() - start_time
     final_paths = []
     if accelerator.is_main_process:
-        final_paths = save_adapter_files(args, models, ema, step, len(dataset), resolution)
+        final_paths = save_adapter_files(args, models, ema, step, dataset, resolution)
         if args.save_state or args.save_state_on_train_end:
             save_state_folder(args, f"{args.output_name}-state", trainable, ema, optimizer, lr_scheduler, step,
                               micro_step, epoch, position)
     if sample_prompts and args.sample_every_n_steps:
         generate_samples(args, models, ema, schedule, sample_prompts, step, resolution, device, text_cache)
+    report = None
+    if args.quality_report and accelerator.is_main_process:
+        report = run_quality_report(args, models, ema, validation_dataset, text_cache, device)
+        _print(accelerator, f"codi: quality report: {report['report']} (plot {report['plot']}, grid {report['grid']})")
     # Every rank reports a checksum of its weights: equal lines mean the processes stayed in sync.
     print(f"codi: rank {accelerator.process_index}/{accelerator.num_processes} trainable-weights checksum "
           f"{weights_checksum(trainable, ema)}", flush=True)
@@ -486,7 +451,8 @@ def train(args) -> dict:
     summary = {"steps": step, "steps_this_run": step - start_step, "seconds": elapsed,
                "peak_memory_gib": peak / memory.GIB, "final_loss": losses[-1] if losses else None,
                "first_loss": losses[0] if losses else None, "adapter": [str(p) for p in final_paths],
-               "num_processes": accelerator.num_processes}
+               "num_processes": accelerator.num_processes,
+               "quality_report": None if report is None else {k: str(v) for k, v in report.items()}}
     _print(accelerator, f"codi: done: {step} steps ({step - start_step} this run) in {elapsed:.1f} s "
                         f"({(step - start_step) / max(elapsed, 1e-9):.2f} it/s), peak memory "
                         f"{peak / memory.GIB:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'} during "
@@ -505,12 +471,12 @@ def save_state_folder(args, name, trainable, ema, optimizer, lr_scheduler, step,
     return folder
 
 
-def nan_stop(args, models, ema, step, last_saved, diag, num_images, resolution, accelerator) -> TrainingStopped:
+def nan_stop(args, models, ema, step, last_saved, diag, dataset, resolution, accelerator) -> TrainingStopped:
     """Stop on a non-finite loss: nothing of this step was applied, so the current EMA weights are the last good
     ones; write them (step ``step``) and say where they are."""
     kept = []
     if accelerator.is_main_process:
-        kept = save_adapter_files(args, models, ema, step, num_images, resolution, suffix="-last-good")
+        kept = save_adapter_files(args, models, ema, step, dataset, resolution, suffix="-last-good")
     where = ", ".join(str(p) for p in kept) or "(not written on this process)"
     earlier = f"; earlier saves: {', '.join(str(p) for p in last_saved)}" if last_saved else ""
     return TrainingStopped(
@@ -634,6 +600,30 @@ def generate_samples(args, models, ema, schedule, prompts, step, resolution, dev
         save_image_grid(torch.cat([hint.float().cpu(), image.cpu()]), path)
         out.append(path)
     return out
+
+
+def run_quality_report(args, models, ema, validation_dataset, text_cache, device) -> dict:
+    """Score the EMA adapter on the validation pairs (``trainer/quality.py``) and write the report files."""
+    from trainer.quality import EvalPair, evaluate_adapter, write_report
+
+    pairs = []
+    for index in range(min(len(validation_dataset), args.quality_max_pairs)):
+        sample = validation_dataset.get(index)
+        pairs.append(EvalPair(target=(sample["pixel_values"] + 1) / 2, hint=sample["hint"], caption=sample["caption"],
+                              mask=sample.get("mask"), name=validation_dataset.items[index].image_path.stem))
+    encode_text = None
+    if text_cache is not None:  # the text encoders were freed: use the cached outputs
+        def encode_text(prompts, device=None, size=None):
+            return text_cache.get(prompts, device)
+    with ema_unet_lora(models, ema):
+        result = evaluate_adapter(models.base, models.target_adapter, pairs, task=args.task,
+                                  steps=args.quality_report_steps, grid=args.distill_grid,
+                                  sampler_mode=args.sample_sampler, boundary=not args.no_boundary,
+                                  sigma_data=args.sigma_data, timestep_scaling=args.timestep_scaling, seed=args.seed,
+                                  reference_steps=args.quality_reference_steps, device=device,
+                                  encode_text=encode_text)
+    return write_report(result, Path(args.output_dir) / f"{args.output_name}-report",
+                        title=f"CoDi quality report: {args.output_name} ({args.task}, step {ema.num_updates})")
 
 
 def predict_memory(args, models, optimizer, resolution, weight_dtype, device) -> memory.MemoryPrediction:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import ccd_sampler as cs
-from trainer.adapters import adapted_unet_output
+from trainer.adapters import adapted_unet_output, text_conditioning
 
 logger = logging.getLogger("codi.quality")
 
@@ -375,13 +375,6 @@ def _schedule_of(base) -> cs.NoiseSchedule:
         sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012)))
 
 
-def _text_conditioning(text: dict, hint: torch.Tensor) -> dict:
-    cond = {"encoder_hidden_states": text["encoder_hidden_states"], "hint": hint}
-    if "added_cond_kwargs" in text:
-        cond["added_cond_kwargs"] = text["added_cond_kwargs"]
-    return cond
-
-
 def _groups(pairs: Sequence[EvalPair], batch_size: int) -> list[list[int]]:
     """Pair indices batched by equal target/hint size, in order of first appearance, at most ``batch_size`` each."""
     by_shape: dict[tuple, list[int]] = {}
@@ -423,7 +416,8 @@ def evaluate_adapter(base, adapter, pairs: Sequence[EvalPair], *, task: str, ste
                      reference_steps: int | None = None, device=None, progress: bool = True,
                      batch_size: int = 8, baseline_label: str | None = None,
                      edge_detector: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     edge_kwargs: dict | None = None, negative_prompt: str = "") -> QualityResult:
+                     edge_kwargs: dict | None = None, negative_prompt: str = "",
+                     encode_text: Callable | None = None) -> QualityResult:
     """Score ``adapter`` (over ``base``, a ``trainer.checkpoints.BaseModel``) on ``pairs``.
 
     Every pair is sampled at each of ``steps`` CoDi steps (``codi_timesteps(steps, grid)``, boundary scalings as
@@ -436,11 +430,13 @@ def evaluate_adapter(base, adapter, pairs: Sequence[EvalPair], *, task: str, ste
 
     The models must already be on ``device`` (default: the UNet's device) and in their compute dtype; a half
     precision UNet runs under autocast. With a jointly trained UNet LoRA, put its EMA weights in place first (the
-    trainer's ``ema_unet_lora``). Call it on the main process only."""
+    trainer's ``ema_unet_lora``). Call it on the main process only. ``encode_text`` replaces ``base.encode_text``
+    (e.g. the trainer's text-encoder output cache once the encoders are freed)."""
     from tqdm.auto import tqdm
 
     if base.vae is None:
         raise ValueError("the base model has no VAE: the quality report needs one to decode the samples")
+    encode_text = encode_text or base.encode_text
     _validate(pairs, task)
     steps = [int(s) for s in steps]
     unet = base.unet
@@ -489,11 +485,11 @@ def evaluate_adapter(base, adapter, pairs: Sequence[EvalPair], *, task: str, ste
         hint = torch.stack([pairs[i].hint.float() for i in group]).to(device, dtype)
         h, w = hint.shape[-2] // 8, hint.shape[-1] // 8
         size = tuple(hint.shape[-2:])  # SDXL time ids: the size actually sampled
-        text = base.encode_text([pairs[i].caption for i in group], device=device, size=size)
-        cond = _text_conditioning(text, hint)
+        text = encode_text([pairs[i].caption for i in group], device=device, size=size)
+        cond = text_conditioning(text, hint)
         uncond = None
         if cfg != 1.0:
-            uncond = _text_conditioning(base.encode_text([negative_prompt] * len(group), device=device, size=size),
+            uncond = text_conditioning(encode_text([negative_prompt] * len(group), device=device, size=size),
                                         hint)
         noise = torch.stack([torch.randn((unet.config.in_channels, h, w),
                                          generator=torch.Generator().manual_seed(seed + i)) for i in group])
