@@ -3,7 +3,6 @@ photos from scikit-image, on CPU."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,7 +18,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 import ccd_sampler as cs
 from trainer.loop import main as train_main

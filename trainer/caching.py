@@ -195,23 +195,25 @@ class TextCache:
         self.outputs = {}
         self.encoded = 0
         for caption in sorted(set(captions) | {""}):
-            self.outputs[caption] = _to(base.encode_text([caption], device=device), "cpu")
+            self.outputs[caption] = move_tree(base.encode_text([caption], device=device), "cpu")
             self.encoded += 1
 
     def get(self, captions, device):
-        return _to(_cat([self.outputs[c] for c in captions]), device)
+        return move_tree(cat_tree([self.outputs[c] for c in captions]), device)
 
 
-def _to(tree, device):
+def move_tree(tree, device):
+    """Tensors in a (nested) dict moved to ``device``."""
     if isinstance(tree, torch.Tensor):
         return tree.to(device)
     if isinstance(tree, dict):
-        return {k: _to(v, device) for k, v in tree.items()}
+        return {k: move_tree(v, device) for k, v in tree.items()}
     return tree
 
 
-def _cat(trees):
+def cat_tree(trees):
+    """Concatenate same-structured (nested) dicts of tensors along the batch axis."""
     first = trees[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(trees)
-    return {k: _cat([t[k] for t in trees]) for k in first}
+    return {k: cat_tree([t[k] for t in trees]) for k in first}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
-import math
 import os
 import shutil
 import sys
@@ -25,7 +24,7 @@ from trainer import adapters as adapter_lib
 from trainer.adapters import text_conditioning
 from trainer import export, memory, state
 from trainer.checkpoints import load_base_model, model_hash
-from trainer.caching import LatentCache, TextCache
+from trainer.caching import LatentCache, TextCache, cat_tree
 from trainer.data import DataError, EpochBatches, build_datasets, collate
 from trainer.optim import (build_lr_scheduler, build_optimizer, optimizer_state_bytes_per_param,
                            parse_optimizer_args)
@@ -140,21 +139,6 @@ def encode_latents(vae, pixels: torch.Tensor, indices, seed: int, scaling_factor
     noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=item_generator(seed, int(i)))
                          for i in indices]).to(dist.mean.device, dist.mean.dtype)
     return (dist.mean + dist.std * noise) * scaling_factor
-
-
-def _to(tree, device):
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device)
-    if isinstance(tree, dict):
-        return {k: _to(v, device) for k, v in tree.items()}
-    return tree
-
-
-def _cat(trees):
-    first = trees[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(trees)
-    return {k: _cat([t[k] for t in trees]) for k in first}
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -382,7 +366,7 @@ def train(args) -> dict:
             hints, captions = batch["hint"].to(device, weight_dtype), batch["caption"]
             text = text_cache.get(captions, device) if text_cache else base.encode_text(captions, device=device)
             cond = text_conditioning(text, hints)
-            uncond = text_conditioning(_cat([uncond_text] * len(indices)), hints) if args.cfg_range else None
+            uncond = text_conditioning(cat_tree([uncond_text] * len(indices)), hints) if args.cfg_range else None
             generator = torch.Generator().manual_seed(
                 hash((args.seed, micro_step, accelerator.process_index)) % (2**63))
             with accelerator.autocast():
@@ -611,10 +595,9 @@ def run_quality_report(args, models, ema, validation_dataset, text_cache, device
         sample = validation_dataset.get(index)
         pairs.append(EvalPair(target=(sample["pixel_values"] + 1) / 2, hint=sample["hint"], caption=sample["caption"],
                               mask=sample.get("mask"), name=validation_dataset.items[index].image_path.stem))
-    encode_text = None
-    if text_cache is not None:  # the text encoders were freed: use the cached outputs
-        def encode_text(prompts, device=None, size=None):
-            return text_cache.get(prompts, device)
+    # with --cache_text_encoder_outputs the text encoders are freed by now: read the cached outputs instead
+    encode_text = None if text_cache is None else (lambda prompts, device=None, size=None:
+                                                   text_cache.get(prompts, device))
     with ema_unet_lora(models, ema):
         result = evaluate_adapter(models.base, models.target_adapter, pairs, task=args.task,
                                   steps=args.quality_report_steps, grid=args.distill_grid,
