@@ -8,10 +8,14 @@ It deliberately exports no ``NODE_CLASS_MAPPINGS`` (ComfyUI would then ignore ``
 
 from comfy_api.latest import ComfyExtension, io
 
+from .nodes import node_list
+
 
 class CoDiExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []  # the CoDi nodes arrive with the ComfyUI nodes issue
+        # loaders/codi: CoDiAdapterLoader; sampling/codi: CoDiModelPatch, CoDiScheduler, CoDiSampler, CoDiSample;
+        # image/codi: CoDiSuperResolutionInput, CoDiInpaintInput, CoDiCanny (see nodes/__init__.py)
+        return node_list()
 
 
 async def comfy_entrypoint() -> CoDiExtension:
