@@ -120,11 +120,6 @@ def tie_target_to_ema(models: Models, ema: cs.EMA) -> None:
     gc.collect()
 
 
-def build_dataset(args, resolution):
-    """The training dataset (``build_datasets`` also gives the validation one): see :mod:`trainer.data`."""
-    return build_datasets(args, resolution)[0]
-
-
 # ------------------------------------------------------------------------------------------------ encoding
 
 
