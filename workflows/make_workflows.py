@@ -44,9 +44,10 @@ def front(prompt: str, negative: str, image: str):
 
 
 def adapter(file: str):
+    # No properties.models entry: frontend 1.32.9's workflow schema requires a download `url` for every entry and
+    # rejects the workflow without one; no CoDi adapter is published yet. The README names the file to train.
     return N(5, "CoDiAdapterLoader", (20, 240), (320, 82), [("adapter_name", file)], [],
-             [("control_net", "CONTROL_NET"), ("codi_info", "CODI_INFO")],
-             models=[{"name": file, "directory": "codi"}])
+             [("control_net", "CONTROL_NET"), ("codi_info", "CODI_INFO")])
 
 
 def sample(image_src, latent_src=None, seed: int = 42):
