@@ -44,9 +44,11 @@ def load_adapter(name: str):
     info = read_codi_info(path, name)
     try:
         control_net = comfy.controlnet.load_controlnet(path)
-    except Exception as e:  # safetensors / torch errors do not name the file
-        raise ValueError(f"CoDi adapter {name!r} ({path}) cannot be loaded by ComfyUI: "
-                         f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # safetensors / torch errors do not name the file, and some say nothing useful
+        what = "" if path.lower().endswith(".safetensors") else \
+            "it is not a readable torch checkpoint (truncated, or not a model file?) "
+        raise ValueError(f"CoDi adapter {name!r} ({path}) cannot be loaded by ComfyUI: {what}"
+                         f"[{type(e).__name__}: {e}]") from None
     if control_net is None:
         raise ValueError(f"CoDi adapter {name!r} ({path}) holds no ControlNet, Control-LoRA or T2I-adapter weights")
     control_net.codi_info = info
