@@ -12,7 +12,10 @@
   by :meth:`Adapter.load_exported`).
 
 The hint is the condition image ``[B, 3, 8*h, 8*w]`` in ``[0, 1]`` for latents ``[B, C, h, w]``. At initialisation the
-zero convs (and LoRA ups) are zero, so base + adapter == base exactly.
+zero convs (and LoRA ups) are zero, so base + adapter == base exactly. ``hint_downscale`` (default 8, SD's VAE factor,
+the only one ComfyUI's ControlNet knows) is the pixels-per-latent factor of the base: a pixel-space base
+(``benchmarks/mini``, no VAE) uses 1, and then the hint embedding's stride-2 convs run at stride 1 (same weights, same
+keys, the hint stays at the latent = image resolution).
 
 Trainable weights are created in float32 (the loop keeps them fp32 beside a half-precision base unless
 ``--full_fp16/bf16``; run the forward under ``torch.autocast`` when the base is half precision).
@@ -56,11 +59,26 @@ def _unet_layer(unet: nn.Module, path: str) -> nn.Module:
     return module.base_layer if isinstance(module, LoRAModule) else module
 
 
-def _build_controlnet_skeleton(unet, conditioning_embedding_out_channels) -> ControlNetModel:
+def _build_controlnet_skeleton(unet, conditioning_embedding_out_channels, hint_downscale: int = 8) -> ControlNetModel:
     """A ControlNetModel for ``unet``'s config with every weight on the meta device (allocates nothing)."""
     with torch.device("meta"):
-        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(
             conditioning_embedding_out_channels), load_weights_from_unet=False, conditioning_channels=HINT_IMAGE_CHANNELS)
+    _set_hint_downscale(controlnet, hint_downscale)
+    return controlnet
+
+
+def _set_hint_downscale(controlnet: ControlNetModel, hint_downscale: int) -> None:
+    """Make the hint embedding downsample by ``hint_downscale`` (a power of two): diffusers builds one stride-2 conv
+    per channel step (3 for the default 4 channels: 8x); the first ones become stride 1 (the last, widest ones keep
+    stride 2, so the expensive convs run at the lowest resolution)."""
+    strided = [m for m in controlnet.controlnet_cond_embedding.blocks if tuple(m.stride) == (2, 2)]
+    keep = int(hint_downscale).bit_length() - 1
+    if hint_downscale < 1 or 2 ** keep != hint_downscale or keep > len(strided):
+        raise ValueError(f"hint_downscale must be a power of two from 1 to {2 ** len(strided)} (the hint embedding "
+                         f"has {len(strided)} stride-2 convs), got {hint_downscale}")
+    for conv in strided[:len(strided) - keep]:
+        conv.stride = (1, 1)
 
 
 def _fill_encoder_from_unet(controlnet: ControlNetModel, unet: nn.Module, *, share: bool) -> None:
@@ -115,9 +133,10 @@ class Adapter(nn.Module):
 
     adapter_type: str = ""
 
-    def __init__(self, controlnet: ControlNetModel):
+    def __init__(self, controlnet: ControlNetModel, hint_downscale: int = 8):
         super().__init__()
         self.controlnet = controlnet
+        self.hint_downscale = int(hint_downscale)
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, sample, timestep, encoder_hidden_states, hint, added_cond_kwargs=None,
@@ -130,15 +149,15 @@ class Adapter(nn.Module):
                                     return_dict=False)
         return list(down), mid
 
-    @staticmethod
-    def _check_hint(sample: torch.Tensor, hint: torch.Tensor) -> None:
+    def _check_hint(self, sample: torch.Tensor, hint: torch.Tensor) -> None:
         if hint.ndim != 4 or hint.shape[1] != HINT_IMAGE_CHANNELS:
             raise ValueError(f"hint must be a condition image [B, {HINT_IMAGE_CHANNELS}, H, W] in [0, 1], got shape "
                              f"{tuple(hint.shape)}")
-        want = (sample.shape[-2] * 8, sample.shape[-1] * 8)
+        k = self.hint_downscale
+        want = (sample.shape[-2] * k, sample.shape[-1] * k)
         if tuple(hint.shape[-2:]) != want:
             raise ValueError(f"hint is {tuple(hint.shape[-2:])} pixels but latents {tuple(sample.shape[-2:])} need a "
-                             f"pixel-resolution hint of {want} (8x the latent size)")
+                             f"pixel-resolution hint of {want} ({k}x the latent size)")
         if hint.shape[0] != sample.shape[0]:
             raise ValueError(f"hint batch {hint.shape[0]} != latent batch {sample.shape[0]}")
 
@@ -208,15 +227,16 @@ class ControlNetAdapter(Adapter):
 
     adapter_type = "controlnet"
 
-    def __init__(self, unet: nn.Module, conditioning_embedding_out_channels=COMFY_HINT_CHANNELS):
-        controlnet = _build_controlnet_skeleton(unet, conditioning_embedding_out_channels)
+    def __init__(self, unet: nn.Module, conditioning_embedding_out_channels=COMFY_HINT_CHANNELS,
+                 hint_downscale: int = 8):
+        controlnet = _build_controlnet_skeleton(unet, conditioning_embedding_out_channels, hint_downscale)
         device = _unet_device(unet)
         controlnet.to_empty(device=device)
         _fill_encoder_from_unet(controlnet, unet, share=False)
         _init_control_parts(controlnet, device)
         _check_materialised(controlnet)
         controlnet.requires_grad_(True)
-        super().__init__(controlnet)
+        super().__init__(controlnet, hint_downscale)
 
     def trainable_named_parameters(self):
         return list(self.controlnet.named_parameters())
@@ -258,13 +278,13 @@ class ControlLoraAdapter(Adapter):
     adapter_type = "control-lora"
 
     def __init__(self, unet: nn.Module, rank: int = 16, alpha: float | None = None,
-                 conditioning_embedding_out_channels=COMFY_HINT_CHANNELS):
+                 conditioning_embedding_out_channels=COMFY_HINT_CHANNELS, hint_downscale: int = 8):
         alpha = resolve_alpha(rank, alpha)
-        controlnet = _build_controlnet_skeleton(unet, conditioning_embedding_out_channels)
+        controlnet = _build_controlnet_skeleton(unet, conditioning_embedding_out_channels, hint_downscale)
         _fill_encoder_from_unet(controlnet, unet, share=True)
         _init_control_parts(controlnet, _unet_device(unet))
         _check_materialised(controlnet)
-        super().__init__(controlnet)
+        super().__init__(controlnet, hint_downscale)
         self.rank, self.alpha = rank, alpha
         wrappers = inject_lora(controlnet, lambda name, _: _under(name, ENCODER_PREFIXES), rank, alpha)
         object.__setattr__(self, "lora_layers", wrappers)  # already registered inside self.controlnet
@@ -332,18 +352,20 @@ class ControlLoraAdapter(Adapter):
 
 
 def build_adapter(unet: nn.Module, adapter_type: str, *, network_dim: int = 16, network_alpha: float | None = None,
-                  conditioning_embedding_out_channels=COMFY_HINT_CHANNELS) -> Adapter:
-    """Build the adapter for ``unet`` (a diffusers ``UNet2DConditionModel``); base + adapter == base at init."""
+                  conditioning_embedding_out_channels=COMFY_HINT_CHANNELS, hint_downscale: int = 8) -> Adapter:
+    """Build the adapter for ``unet`` (a diffusers ``UNet2DConditionModel``); base + adapter == base at init.
+    ``hint_downscale``: pixels per latent of the base (``BaseModel.latent_downscale``): 8 for SD, 1 in pixel space."""
     if adapter_type not in ADAPTER_TYPES:
         raise ValueError(f"unknown adapter type {adapter_type!r}; choose one of {ADAPTER_TYPES}")
     channels = tuple(int(c) for c in conditioning_embedding_out_channels)
-    if channels != COMFY_HINT_CHANNELS:
+    # Other hint CNNs only where no stock loader could read the adapter anyway (a pixel-space base, hint_downscale 1).
+    if channels != COMFY_HINT_CHANNELS and hint_downscale == 8:
         raise ValueError(f"conditioning embedding channels {channels} are not supported: ComfyUI's ControlNet "
                          f"(and sd-webui-controlnet / Forge) hard-code the hint CNN as {COMFY_HINT_CHANNELS}, so "
                          "they could not load this adapter")
     if adapter_type == "controlnet":
-        return ControlNetAdapter(unet, channels)
-    return ControlLoraAdapter(unet, network_dim, network_alpha, channels)
+        return ControlNetAdapter(unet, channels, hint_downscale)
+    return ControlLoraAdapter(unet, network_dim, network_alpha, channels, hint_downscale)
 
 
 def text_conditioning(text: dict, hint: torch.Tensor) -> dict:

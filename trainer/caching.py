@@ -35,6 +35,8 @@ def latent_cache_path(image_path: Path) -> Path:
 def vae_identity(base) -> str:
     """Architecture, dtype and a hash of the VAE encoder weights (what decides the latents of an image)."""
     vae = base.vae
+    if vae is None:  # a pixel-space base: the latents are the pixels
+        return f"{getattr(base, 'architecture', 'pixels')}-pixels-x{getattr(base, 'vae_scaling_factor', 1.0)}"
     state = vae.state_dict()
     names = [n for n in state if n.startswith(("encoder.", "quant_conv."))] or list(state)
     digest = hashlib.sha256()
@@ -54,6 +56,8 @@ def invalidation_key(dataset: ControlDataset, index: int, vae_id: str, flips: bo
 
 @torch.no_grad()
 def vae_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if vae is None:  # a pixel-space base: mean = the pixels, std = 0 (latent = pixels * scaling factor)
+        return pixels.float().cpu(), torch.zeros_like(pixels, dtype=torch.float32, device="cpu")
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     return dist.mean.float().cpu(), dist.std.float().cpu()
 

@@ -93,6 +93,17 @@ class BaseModel:
     default_resolution: int
     scheduler: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
     vae_scaling_factor: float = 0.18215
+    latent_downscale: int = 8  # pixels per latent along a side: 8 for SD's VAE, 1 for a pixel-space base (no VAE)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from latents: the VAE decode, or (no VAE: a pixel-space base) the identity up to the
+        scaling factor (1.0 in the mini bundle), the inverse of how the trainer encodes pixels then."""
+        if self.vae is None:
+            if self.latent_downscale != 1:
+                raise ValueError(f"{self.source}: no VAE to decode the latents with (pass --vae)")
+            return latents / self.vae_scaling_factor
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae_scaling_factor).sample
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str] | str, device=None, size: int | tuple[int, int] | None = None) -> dict:
@@ -149,7 +160,14 @@ def load_base_model(path, *, v_parameterization: bool | None = None, v2: bool = 
     file in ldm or diffusers layout, or a diffusers VAE folder); ``tokenizer_path`` is a folder with ``vocab.json`` +
     ``merges.txt``. Raises :class:`CheckpointError` naming the file on anything unreadable or unsupported."""
     source = os.fspath(path)
-    if os.path.isdir(source):
+    from trainer import bundle
+
+    if bundle.is_bundle(source):  # a CoDi "base bundle" folder (codi_base.json), e.g. the benchmarks/mini base
+        if vae_path is not None:
+            raise CheckpointError(f"`{source}`: --vae cannot replace the VAE of a base bundle (its UNet was trained "
+                                  "for the bundle's own latent space)")
+        model = bundle.load_bundle(source, dtype=dtype, v_parameterization=v_parameterization)
+    elif os.path.isdir(source):
         model = _load_diffusers_folder(source, v_parameterization, tokenizer_path, dtype)
     else:
         model = _load_single_file(source, v_parameterization, tokenizer_path, dtype)

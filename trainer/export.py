@@ -24,7 +24,8 @@ from ccd_sampler.metadata import read_safetensors_header
 SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp32": torch.float32, "float32": torch.float32,
                    "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 BASE_ARCHITECTURES = ("stable-diffusion-v1", "stable-diffusion-v2-512", "stable-diffusion-v2-768-v",
-                      "stable-diffusion-xl-v1-base")
+                      "stable-diffusion-xl-v1-base",
+                      "codi-mini-pixel-v1")  # the pixel-space base bundle of benchmarks/mini (trainer/bundle.py)
 ARCHITECTURE_SUFFIX = {"controlnet": "codi-controlnet", "control-lora": "codi-control-lora", "lora": "lora",
                        "unet-lora": "lora"}
 SAI_MODEL_SPEC_VERSION = "1.0.1"

@@ -81,7 +81,8 @@ def build_models(args, device, weight_dtype) -> Models:
         unet.enable_xformers_memory_efficient_attention()
     adapter_type = args.adapter_type or ("control-lora" if base.architecture == "sdxl" else "controlnet")
     adapter_kwargs = dict(network_dim=args.network_dim, network_alpha=args.network_alpha,
-                          conditioning_embedding_out_channels=args.conditioning_embedding_channels)
+                          conditioning_embedding_out_channels=args.conditioning_embedding_channels,
+                          hint_downscale=base.latent_downscale)
     # Both adapters before the UNet LoRA: they copy (controlnet) or tie (control-lora) the plain UNet weights.
     adapter = adapter_lib.build_adapter(unet, adapter_type, **adapter_kwargs)
     target_adapter = adapter_lib.build_adapter(unet, adapter_type, **adapter_kwargs)
@@ -129,7 +130,10 @@ def item_generator(seed: int, index: int) -> torch.Generator:
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, indices, seed: int, scaling_factor: float) -> torch.Tensor:
-    """VAE latents sampled with a per-item generator, so cached and on-the-fly latents are identical."""
+    """VAE latents sampled with a per-item generator, so cached and on-the-fly latents are identical. ``vae=None`` (a
+    pixel-space base): the latents are the pixels in [-1, 1] times ``scaling_factor`` (1.0 in the mini bundle)."""
+    if vae is None:
+        return pixels.float() * scaling_factor
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=item_generator(seed, int(i)))
                          for i in indices]).to(dist.mean.device, dist.mean.dtype)
@@ -357,7 +361,7 @@ def train(args) -> dict:
                 latents = latent_cache.get(indices, batch["flip"]).to(device, weight_dtype)
             else:
                 latents = encode_latents(base.vae, batch["pixel_values"], indices, args.seed,
-                                         base.vae_scaling_factor).to(weight_dtype)
+                                         base.vae_scaling_factor).to(device, weight_dtype)
             hints, captions = batch["hint"].to(device, weight_dtype), batch["caption"]
             text = text_cache.get(captions, device) if text_cache else base.encode_text(captions, device=device)
             cond = text_conditioning(text, hints)
@@ -546,7 +550,7 @@ def peak_memory_bytes(device) -> int:
 def generate_samples(args, models, ema, schedule, prompts, step, resolution, device, text_cache) -> list[Path]:
     """Render the sample prompts with the EMA adapter and the CoDi sampler at the recommended steps."""
     base = models.base
-    if base.vae is None:
+    if base.vae is None and base.latent_downscale != 1:  # an SD checkpoint without its VAE: nothing to decode with
         return []
     out = []
     for number, sample in enumerate(prompts):
@@ -561,7 +565,7 @@ def generate_samples(args, models, ema, schedule, prompts, step, resolution, dev
                    else base.encode_text([sample.negative], device=device))
             uncond = text_conditioning(neg, hint)
         generator = torch.Generator().manual_seed(sample.seed if sample.seed is not None else args.seed + number)
-        h, w = hint.shape[-2] // 8, hint.shape[-1] // 8
+        h, w = hint.shape[-2] // base.latent_downscale, hint.shape[-1] // base.latent_downscale
         noise = torch.randn((1, base.unet.config.in_channels, h, w), generator=generator).to(device, base.unet.dtype)
         steps = sample.steps or min(args.recommended_steps, 8)
 
@@ -573,7 +577,7 @@ def generate_samples(args, models, ema, schedule, prompts, step, resolution, dev
                             schedule=schedule, mode=args.sample_sampler, cond=text_conditioning(text, hint),
                             uncond=uncond, cfg=cfg, generator=generator, boundary=not args.no_boundary,
                             sigma_data=args.sigma_data, timestep_scaling=args.timestep_scaling)
-        image = base.vae.decode(latents.to(base.vae.dtype) / base.vae_scaling_factor).sample
+        image = base.decode_latents(latents)
         image = (image.float() / 2 + 0.5).clamp(0, 1)
         path = Path(args.output_dir) / "sample" / f"{args.output_name}_step{step:08d}_{number:02d}.png"
         save_image_grid(torch.cat([hint.float().cpu(), image.cpu()]), path)

@@ -434,7 +434,7 @@ def evaluate_adapter(base, adapter, pairs: Sequence[EvalPair], *, task: str, ste
     (e.g. the trainer's text-encoder output cache once the encoders are freed)."""
     from tqdm.auto import tqdm
 
-    if base.vae is None:
+    if base.vae is None and getattr(base, "latent_downscale", 8) != 1:  # pixel-space bases decode with the identity
         raise ValueError("the base model has no VAE: the quality report needs one to decode the samples")
     encode_text = encode_text or base.encode_text
     _validate(pairs, task)
@@ -470,7 +470,8 @@ def evaluate_adapter(base, adapter, pairs: Sequence[EvalPair], *, task: str, ste
     evals = {m[0]: 0 for m in methods}
 
     for module in (unet, adapter, base.vae):
-        module.eval()
+        if module is not None:  # no VAE: a pixel-space base, decode = identity
+            module.eval()
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
     calls = {"images": 0}
 
@@ -483,7 +484,8 @@ def evaluate_adapter(base, adapter, pairs: Sequence[EvalPair], *, task: str, ste
     warmed = False
     for group in groups:
         hint = torch.stack([pairs[i].hint.float() for i in group]).to(device, dtype)
-        h, w = hint.shape[-2] // 8, hint.shape[-1] // 8
+        downscale = getattr(base, "latent_downscale", 8)  # 1 for a pixel-space base
+        h, w = hint.shape[-2] // downscale, hint.shape[-1] // downscale
         size = tuple(hint.shape[-2:])  # SDXL time ids: the size actually sampled
         text = encode_text([pairs[i].caption for i in group], device=device, size=size)
         cond = text_conditioning(text, hint)
@@ -501,7 +503,7 @@ def evaluate_adapter(base, adapter, pairs: Sequence[EvalPair], *, task: str, ste
                 latents = cs.sample(denoise, noise, timesteps, prediction_type, schedule=schedule, mode=mode,
                                     cond=cond, uncond=uncond, cfg=cfg, generator=generator, boundary=use_boundary,
                                     sigma_data=sigma_data, timestep_scaling=timestep_scaling)
-                image = base.vae.decode(latents.to(base.vae.dtype) / base.vae_scaling_factor).sample
+                image = base.decode_latents(latents)
             return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
 
         if not warmed:  # first calls pay one-off costs (allocator, kernels): keep them out of the timings

@@ -193,7 +193,13 @@ def load_adapter(base, adapter_path, unet_lora_path=None):
                               f"(ranks found: {sorted(ranks)})")
         # export folds alpha/rank into `up`, load_exported divides it back out: alpha = rank loads it exactly
         kwargs = {"network_dim": ranks.pop(), "network_alpha": None}
-    adapter = build_adapter(base.unet, codi.adapter_type, **kwargs)
+    # the hint CNN's channels as saved (a pixel-space mini base may use a narrower one than ComfyUI's 16,32,96,256)
+    hint_channels = tuple(int(tensors[k].shape[0]) for k in sorted(
+        (k for k in tensors if k.startswith("input_hint_block.") and k.endswith(".weight")),
+        key=lambda k: int(k.split(".")[1]))[:-1:2])
+    if hint_channels:
+        kwargs["conditioning_embedding_out_channels"] = hint_channels
+    adapter = build_adapter(base.unet, codi.adapter_type, hint_downscale=base.latent_downscale, **kwargs)
     adapter.load_exported(tensors)
     adapter.requires_grad_(False).eval()
 

@@ -1,0 +1,143 @@
+"""The miniature reproduction's base (issue 6): the pretraining script writes a pixel-space "base bundle"
+(``trainer/bundle.py``) that ``load_base_model`` loads and the trainer distills adapters from; the script resumes
+exactly. Tiny step counts, real photos (scikit-image / scikit-learn), CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks" / "mini"))
+
+import pretrain_base  # noqa: E402
+
+TINY = ["--batch_size", "2", "--num_samples", "2", "--sample_steps", "2", "--no_progress", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mini") / "base"
+    pretrain_base.main(["--steps", "3", "--out", str(out), *TINY])
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos64(tmp_path_factory) -> Path:
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("photos64")
+    for name in ("astronaut", "chelsea", "coffee", "rocket"):
+        Image.fromarray(getattr(data, name)()).convert("RGB").resize((64, 64), Image.LANCZOS).save(root / f"{name}.png")
+    return root
+
+
+def test_bundle_files_and_split(bundle):
+    manifest = json.loads((bundle / "codi_base.json").read_text())
+    assert manifest["format"] == "codi-base-bundle" and manifest["version"] == 1
+    assert manifest["vae"] is None and manifest["text_encoder"] is None
+    assert manifest["scheduler"] == {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                                     "beta_schedule": "scaled_linear"}
+    split = json.loads((bundle / "split.json").read_text())
+    assert split["train"] and split["test"] and not set(split["train"]) & set(split["test"])
+    # the stereo pair is one group: both views on the same side of the split
+    assert ("motorcycle_left" in split["test"]) == ("motorcycle_right" in split["test"])
+    log = json.loads((bundle / "pretrain_log.json").read_text())
+    assert log["seed"] == 1 and log["steps"] == 3 and len(log["losses"]) == 3
+    weights = bundle / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size < 20e6 and log["weights_bytes"] == weights.stat().st_size
+    assert Image.open(bundle / "samples.png").size[0] > 64
+
+
+def test_load_base_model_reads_the_bundle(bundle):
+    from trainer.checkpoints import load_base_model, model_hash
+
+    base = load_base_model(bundle)
+    assert (base.architecture, base.prediction_type, base.modelspec_architecture) == \
+        ("mini-pixel", "epsilon", "codi-mini-pixel-v1")
+    assert base.vae is None and base.text_encoders == [] and base.default_resolution == 64
+    assert base.latent_downscale == 1 and base.vae_scaling_factor == 1.0
+    assert base.unet.config.in_channels == 3 and not base.unet.training
+    text = base.encode_text(["a photo", "another"])
+    assert text["encoder_hidden_states"].shape == (2, 1, 8) and not text["encoder_hidden_states"].any()
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert torch.equal(base.decode_latents(pixels), pixels)
+    assert len(model_hash(bundle)) == 64
+
+
+def test_pixel_space_encode_and_cache_are_identity():
+    from trainer.caching import vae_moments
+    from trainer.loop import encode_latents
+
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(encode_latents(None, pixels, [0, 1], seed=3, scaling_factor=1.0), pixels)
+    mean, std = vae_moments(None, pixels)
+    assert torch.equal(mean, pixels) and not std.any()
+
+
+@pytest.mark.parametrize("channels", [(16, 32, 96, 256), (16, 32)])
+def test_pixel_space_adapter_keeps_the_hint_resolution(bundle, channels):
+    from trainer.adapters import adapted_unet_output, build_adapter
+    from trainer.checkpoints import load_base_model
+
+    base = load_base_model(bundle)
+    adapter = build_adapter(base.unet, "controlnet", hint_downscale=base.latent_downscale,
+                            conditioning_embedding_out_channels=channels)
+    z, hint = torch.randn(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    cond = {"encoder_hidden_states": base.encode_text([""])["encoder_hidden_states"], "hint": hint}
+    t = torch.tensor([500])
+    with torch.no_grad():  # zero convs: base + adapter == base at init
+        assert torch.equal(adapted_unet_output(base.unet, adapter, z, t, cond),
+                           adapted_unet_output(base.unet, None, z, t, cond))
+    with pytest.raises(ValueError, match="1x the latent size"):
+        adapter(z, t, cond["encoder_hidden_states"], torch.rand(1, 3, 512, 512))
+    fresh = build_adapter(base.unet, "controlnet", hint_downscale=1, conditioning_embedding_out_channels=channels)
+    fresh.load_exported(adapter.export_state_dict())
+    with pytest.raises(ValueError, match="power of two"):
+        build_adapter(base.unet, "controlnet", hint_downscale=3)
+
+
+def test_trainer_distills_an_sr_adapter_from_the_bundle(bundle, photos64, tmp_path):
+    from trainer.loop import main as train_main
+
+    out = tmp_path / "out"
+    code = train_main(["--pretrained_model_name_or_path", str(bundle), "--train_data_dir", str(photos64),
+                       "--task", "sr", "--sr_scale", "4", "--resolution", "64", "--validation_split", "0.25",
+                       "--max_train_steps", "2", "--train_batch_size", "2", "--adapter_type", "controlnet",
+                       "--cache_latents", "--quality_report", "--quality_report_steps", "1,2",
+                       "--quality_reference_steps", "2", "--output_dir", str(out), "--output_name", "sr",
+                       "--save_precision", "float", "--seed", "5"])
+    assert code == 0
+    with safe_open(str(out / "sr.safetensors"), "pt") as fh:
+        metadata = fh.metadata()
+        assert "input_hint_block.0.weight" in fh.keys()
+    assert metadata["modelspec.architecture"] == "codi-mini-pixel-v1/codi-controlnet"
+    assert metadata["codi.task"] == "sr" and metadata["ss_steps"] == "2"
+    report = (out / "sr-report" / "report.md").read_text()
+    assert "CoDi 1 step" in report and "DDIM 2 steps" in report and "bicubic" in report
+    metrics = json.loads((out / "sr-report" / "metrics.json").read_text())
+    assert metrics
+
+
+def test_pretraining_resumes_exactly(tmp_path):
+    straight, resumed = tmp_path / "straight" / "base", tmp_path / "resumed" / "base"
+    pretrain_base.main(["--steps", "4", "--out", str(straight), *TINY])
+    pretrain_base.main(["--steps", "2", "--out", str(resumed), *TINY])
+    log = pretrain_base.main(["--steps", "4", "--out", str(resumed), "--resume", *TINY])
+    assert log["steps"] == 4 and len(log["losses"]) == 4
+    a = torch.load(straight.with_name("base-state") / "last.pt", weights_only=True)
+    b = torch.load(resumed.with_name("base-state") / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for key in a["unet"]:
+        assert torch.allclose(a["unet"][key], b["unet"][key], atol=1e-6, rtol=0), key
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    ema_a, ema_b = load_file(str(straight / weights)), load_file(str(resumed / weights))
+    assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
+    assert a["losses"] == pytest.approx(b["losses"], abs=1e-6)
