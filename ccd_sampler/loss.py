@@ -31,7 +31,7 @@ from .parameterization import eps_from_x0, normalize_prediction_type, to_x0_eps
 from .sampling import batch_conditions
 from .schedule import NoiseSchedule
 
-ODE_MODELS = ("ema", "base", "online")
+ODE_MODELS = ("ema", "base", "online", "teacher")
 EPS_SOURCES = ("ddim", "true")
 CONSISTENCY_SPACES = ("x", "eps")
 GUIDANCE_MODES = ("none", "cfg", "distill")
@@ -104,7 +104,8 @@ def _guided(fn: Callable, z: torch.Tensor, t: torch.Tensor, cond: Any, uncond: A
 
 def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, config: CoDiLossConfig,
               schedule: NoiseSchedule | None = None, base: Callable | None = None, uncond: Any = None,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+              generator: torch.Generator | None = None,
+              teacher: Callable | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """The CoDi loss of one batch and its diagnostics.
 
     Args:
@@ -114,6 +115,9 @@ def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, co
         cond: conditioning for the callables (e.g. ``{"text": ..., "hint": ...}``).
         config: :class:`CoDiLossConfig`.
         base: the frozen base without adapter, needed for ``ode_model="base"``.
+        teacher: a frozen conditional model (base + a fixed, already trained adapter), needed for
+            ``ode_model="teacher"``: with ``guidance_weight=0`` this is LCM-style consistency distillation of that
+            teacher (the two-stage baseline: fine-tune a ControlNet, then distill it).
         uncond: the empty-text conditioning (same structure as ``cond``) for ``guidance_mode`` ``cfg``/``distill``.
         generator: draws ``t``, the noise and ``w`` (so a seeded run is reproducible).
 
@@ -128,6 +132,8 @@ def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, co
         raise ValueError(f"guidance_mode={cfg.guidance_mode!r} needs the empty-text conditioning `uncond`")
     if cfg.ode_model == "base" and base is None:
         raise ValueError("ode_model='base' needs the frozen base model callable `base`")
+    if cfg.ode_model == "teacher" and teacher is None:
+        raise ValueError("ode_model='teacher' needs the frozen teacher model callable `teacher`")
 
     t, s = draw_timesteps(batch, cfg.distill_grid, cfg.shared_timestep, schedule.num_train_timesteps, generator)
     t, s = t.to(x.device), s.to(x.device)
@@ -146,8 +152,9 @@ def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, co
 
     with torch.no_grad():
         # 3. One-step PF-ODE to s, never guided (the authors report gradient blow-ups with CFG here).
-        ode_fn = {"ema": target, "base": base, "online": online}[cfg.ode_model]
-        ode_out = ode_fn(z_t, t, cond) if (cfg.ode_model == "base" or not distill) else ode_fn(z_t, t, cond, neutral)
+        ode_fn = {"ema": target, "base": base, "online": online, "teacher": teacher}[cfg.ode_model]
+        plain_call = cfg.ode_model in ("base", "teacher") or not distill
+        ode_out = ode_fn(z_t, t, cond) if plain_call else ode_fn(z_t, t, cond, neutral)
         x0_ode, eps_ode = to_x0_eps(ode_out, z_t, alpha_t, sigma_t, cfg.prediction_type)
         z_s = alpha_s * x0_ode + sigma_s * (eps_ode if cfg.eps_source == "ddim" else eps)
 
@@ -191,6 +198,31 @@ def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, co
         "w": None if w is None else w.tolist(),
     }
     return loss, diagnostics
+
+
+def diffusion_loss(online: Callable, x: torch.Tensor, cond: Any, schedule: NoiseSchedule | None = None,
+                   prediction_type: str = "epsilon", generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The plain denoising loss of a conditional fine-tune (what ControlNet trains with), for comparison with CoDi.
+
+        t ~ U{0, ..., T-1} per sample,   z_t = alpha_t x + sigma_t eps,
+        loss = || model(z_t, t, c) - y ||^2,   y = eps (epsilon), alpha_t eps - sigma_t x (v) or x (sample)
+
+    i.e. the model's own training target for its prediction type. ``online`` keeps the graph; the diagnostics mirror
+    :func:`codi_loss` (``loss_consistency`` 0, ``loss_guidance`` = the denoising loss, the drawn ``t``).
+    """
+    schedule = schedule or NoiseSchedule.stable_diffusion()
+    prediction_type = normalize_prediction_type(prediction_type)
+    batch = x.shape[0]
+    gen_device = generator.device if generator is not None else x.device
+    t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator, device=gen_device).to(x.device)
+    eps = torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device, x.dtype)
+    alpha_t, sigma_t = schedule.alpha_sigma(t, like=x)
+    z_t = alpha_t * x + sigma_t * eps
+    target = {"epsilon": eps, "v_prediction": alpha_t * eps - sigma_t * x, "sample": x}[prediction_type]
+    loss = (online(z_t, t, cond).float() - target.float()).pow(2).mean()
+    return loss, {"loss_consistency": 0.0, "loss_guidance": float(loss.detach()), "t": t.tolist(), "s": None,
+                  "w": None}
 
 
 def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, space: str) -> torch.Tensor:

@@ -22,6 +22,8 @@ codi.recommended_steps     steps to sample with                                 
 codi.recommended_cfg       cfg to sample with                                      ``1.0``
 codi.sampler_mode          ode or consistency                                      ``ode``
 codi.hint_preprocessing    JSON object describing how the hint image is built     ``{"type": "sr", "scale": 4}``
+codi.objective             codi (distilled: 1-4 steps) or diffusion (plain         ``codi``
+                           ControlNet fine-tune: sample with many steps)
 =========================  ======================================================  ==================
 """
 
@@ -38,6 +40,7 @@ from .sampling import SAMPLER_MODES
 
 FORMAT_VERSION = 1
 PREFIX = "codi."
+OBJECTIVES = ("codi", "diffusion")  # diffusion: a plain ControlNet fine-tune, to be sampled with many steps
 TASKS = ("sr", "inpaint", "canny", "depth", "gray", "blur", "jpeg", "paired")
 ADAPTER_TYPES = ("controlnet", "control-lora")
 
@@ -63,6 +66,7 @@ class CoDiMetadata:
     recommended_cfg: float = 1.0
     sampler_mode: str = "ode"
     hint_preprocessing: dict = field(default_factory=dict)
+    objective: str = "codi"
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -104,6 +108,8 @@ class CoDiMetadata:
             bad("sampler_mode", f"must be one of {SAMPLER_MODES}")
         if not isinstance(self.hint_preprocessing, dict):
             bad("hint_preprocessing", "must be a JSON object")
+        if self.objective not in OBJECTIVES:
+            bad("objective", f"must be one of {OBJECTIVES}")
 
     def to_metadata(self) -> dict[str, str]:
         """The ``codi.*`` keys as safetensors string metadata."""

@@ -351,7 +351,9 @@ def test_loss_options_change_the_computation():
     with pytest.raises(ValueError, match="needs the frozen base"):
         cs.codi_loss(online, target, x, cond, cs.CoDiLossConfig(ode_model="base"))
     with pytest.raises(ValueError, match="ode_model must be one of"):
-        cs.CoDiLossConfig(ode_model="teacher")
+        cs.CoDiLossConfig(ode_model="student")
+    with pytest.raises(ValueError, match="needs the frozen teacher"):
+        cs.codi_loss(online, target, x, cond, cs.CoDiLossConfig(ode_model="teacher"))
     with pytest.raises(ValueError, match="cfg_range"):
         cs.CoDiLossConfig(cfg_range=(8.0, 2.0))
 
@@ -366,10 +368,10 @@ def test_loss_ode_model_selects_the_callable():
             return torch.zeros_like(z)
         return fn
 
-    for choice in ("ema", "base", "online"):
+    for choice in ("ema", "base", "online", "teacher"):
         used.clear()
         cs.codi_loss(tagged("online"), tagged("ema"), x, cond, cs.CoDiLossConfig(ode_model=choice),
-                     base=tagged("base"))
+                     base=tagged("base"), teacher=tagged("teacher"))
         assert used[0] == choice, used  # the first (ODE) call is made with the chosen model
         assert used[1:] == ["ema", "online"]
 
@@ -414,6 +416,25 @@ def test_loss_distill_mode_passes_w():
     assert seen[0] == [1.0] * 3        # ODE model: neutral w
     assert seen[1] == [1.0] * 6        # target, both branches: neutral w
     assert seen[2] == [4.0] * 3        # online: the drawn w
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_loss_is_zero_for_the_oracle_and_positive_otherwise(prediction_type):
+    """The plain denoising loss regresses the model's own target: with data x known, the oracle output for z_t is
+    eps = (z - alpha x) / sigma, v = alpha eps - sigma x, or x; any other output costs its squared error."""
+    x = torch.randn(64, 2, dtype=torch.float64)
+
+    def oracle(z, t, cond):
+        alpha, sigma = SCHEDULE.alpha_sigma(t, like=z)
+        eps = (z - alpha * x) / sigma
+        return {"epsilon": eps, "v_prediction": alpha * eps - sigma * x, "sample": x}[prediction_type]
+
+    loss, diag = cs.diffusion_loss(oracle, x, None, SCHEDULE, prediction_type, torch.Generator().manual_seed(0))
+    assert float(loss) < 1e-20 and len(set(diag["t"])) > 10  # per-sample t over 0..999
+    assert min(diag["t"]) >= 0 and max(diag["t"]) <= 999
+    off, _ = cs.diffusion_loss(lambda z, t, c: oracle(z, t, c) + 0.5, x, None, SCHEDULE, prediction_type,
+                               torch.Generator().manual_seed(0))
+    assert abs(float(off) - 0.25) < 1e-9
 
 
 def test_draw_timesteps_never_draws_index_zero():

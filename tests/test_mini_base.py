@@ -141,3 +141,42 @@ def test_pretraining_resumes_exactly(tmp_path):
     ema_a, ema_b = load_file(str(straight / weights)), load_file(str(resumed / weights))
     assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
     assert a["losses"] == pytest.approx(b["losses"], abs=1e-6)
+
+
+def test_baseline_objectives_diffusion_then_teacher_distillation(bundle, photos64, tmp_path, capsys):
+    """The benchmark's baselines train through the same trainer: ``--loss diffusion`` (a plain ControlNet fine-tune,
+    recorded as codi.objective = diffusion), then LCM-style distillation of it (``--init_adapter`` +
+    ``--teacher_adapter`` + ``--ode_model teacher``). With lr 0 the second run's output must be the first's weights
+    exactly, which shows --init_adapter loaded them into the adapter and its EMA."""
+    from trainer.export import load_adapter_file
+    from trainer.loop import main as train_main
+
+    common = ["--pretrained_model_name_or_path", str(bundle), "--train_data_dir", str(photos64), "--task", "sr",
+              "--resolution", "64", "--max_train_steps", "2", "--train_batch_size", "2", "--adapter_type",
+              "controlnet", "--conditioning_embedding_channels", "16,32", "--output_dir", str(tmp_path),
+              "--save_precision", "float", "--seed", "3"]
+    assert train_main([*common, "--loss", "diffusion", "--output_name", "cn"]) == 0
+    cn_tensors, cn_meta = load_adapter_file(tmp_path / "cn.safetensors")
+    assert cn_meta["codi.objective"] == "diffusion"
+    assert any(t.abs().sum() > 0 for k, t in cn_tensors.items() if "zero_convs" in k or "middle_block_out" in k)
+
+    teacher = ["--init_adapter", str(tmp_path / "cn.safetensors"), "--teacher_adapter",
+               str(tmp_path / "cn.safetensors"), "--ode_model", "teacher", "--guidance_weight", "0"]
+    assert train_main([*common, *teacher, "--learning_rate", "0", "--output_name", "lcm0"]) == 0
+    same, meta = load_adapter_file(tmp_path / "lcm0.safetensors")
+    assert meta["codi.objective"] == "codi"
+    assert same.keys() == cn_tensors.keys() and all(torch.equal(same[k], cn_tensors[k]) for k in same)
+    assert train_main([*common, *teacher, "--learning_rate", "1e-3", "--output_name", "lcm"]) == 0
+    moved, _ = load_adapter_file(tmp_path / "lcm.safetensors")
+    assert any(not torch.equal(moved[k], cn_tensors[k]) for k in moved)
+
+    with pytest.raises(SystemExit):
+        train_main([*common, "--ode_model", "teacher", "--output_name", "x"])
+    assert "--ode_model teacher needs --teacher_adapter" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_main([*common, "--init_adapter", str(tmp_path / "missing.safetensors"), "--output_name", "x"])
+    assert "no such file" in capsys.readouterr().err
+    # an adapter of another shape (default hint CNN widths) is refused with the flag and the file named
+    assert train_main([*common, "--init_adapter", str(tmp_path / "cn.safetensors"),
+                       "--conditioning_embedding_channels", "16,32,96,256", "--output_name", "x"]) == 2
+    assert "--init_adapter" in capsys.readouterr().err

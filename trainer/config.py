@@ -7,6 +7,7 @@ Precedence: built-in defaults < values from `--config_file` < flags given on the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -177,11 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hint CNN channels (ComfyUI requires 16,32,96,256)")
 
     g = p.add_argument_group("CoDi distillation")
+    g.add_argument("--loss", choices=("codi", "diffusion"), default="codi",
+                   help="codi: conditional diffusion distillation (1-4 step sampling); diffusion: the plain denoising "
+                        "loss of an ordinary ControlNet fine-tune (sample it with many steps; a baseline)")
+    g.add_argument("--init_adapter", type=str, default=None,
+                   help="start from the weights of this adapter .safetensors (same type and base) instead of the "
+                        "zero-initialised adapter")
+    g.add_argument("--teacher_adapter", type=str, default=None,
+                   help="frozen adapter for --ode_model teacher (e.g. a ControlNet trained with --loss diffusion: "
+                        "with --guidance_weight 0 this is LCM-style consistency distillation of it)")
     g.add_argument("--distill_grid", type=int, default=50, help="grid size N (timesteps t = i*1000//N)")
     g.add_argument("--timestep_scaling", type=float, default=10.0, help="tau of the boundary scalings")
     g.add_argument("--sigma_data", type=float, default=0.5)
     g.add_argument("--no_boundary", action="store_true", help="disable the consistency boundary scalings")
-    g.add_argument("--ode_model", choices=("ema", "base", "online"), default="ema")
+    g.add_argument("--ode_model", choices=("ema", "base", "online", "teacher"), default="ema",
+                   help="model of the one-step PF-ODE: ema (base + EMA adapter, the paper's), base (frozen base "
+                        "alone), online (stop-grad), teacher (base + --teacher_adapter)")
     g.add_argument("--eps_source", choices=("ddim", "true"), default="ddim")
     g.add_argument("--consistency_space", choices=("x", "eps"), default="x")
     g.add_argument("--guidance_weight", type=float, default=1.0, help="lambda of ||f - x||^2")
@@ -280,6 +292,17 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         # arrives together with the CoDi nodes that can. Refuse rather than train an adapter that ignores w.
         parser.error("--distill_guidance (w-conditioned adapters sampled at cfg 1) is not available yet; use "
                      "--cfg_range w_min,w_max alone for CFG-aware distillation")
+    if args.ode_model == "teacher" and not args.teacher_adapter:
+        parser.error("--ode_model teacher needs --teacher_adapter PATH (the frozen adapter whose PF-ODE is distilled)")
+    if args.teacher_adapter and args.ode_model != "teacher":
+        parser.error("--teacher_adapter is only used with --ode_model teacher")
+    if args.loss == "diffusion" and (args.ode_model != "ema" or args.teacher_adapter or args.cfg_range):
+        parser.error("--loss diffusion trains with the plain denoising loss: --ode_model, --teacher_adapter and "
+                     "--cfg_range do not apply")
+    for name in ("init_adapter", "teacher_adapter"):
+        path = getattr(args, name)
+        if path and not os.path.isfile(path):
+            parser.error(f"--{name}: no such file: {path}")
     if args.resolution is not None:
         parts = [int(v) for v in str(args.resolution).split(",")]
         if len(parts) not in (1, 2) or min(parts) < 64 or any(v % 8 for v in parts):

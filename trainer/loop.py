@@ -23,7 +23,7 @@ import ccd_sampler as cs
 from trainer import adapters as adapter_lib
 from trainer.adapters import text_conditioning
 from trainer import export, memory, state
-from trainer.checkpoints import load_base_model, model_hash
+from trainer.checkpoints import CheckpointError, load_base_model, model_hash
 from trainer.caching import LatentCache, TextCache, cat_tree
 from trainer.data import DataError, EpochBatches, build_datasets, collate
 from trainer.optim import (build_lr_scheduler, build_optimizer, optimizer_state_bytes_per_param,
@@ -46,6 +46,7 @@ class Models:
     adapter: torch.nn.Module           # online adapter (trainable)
     target_adapter: torch.nn.Module    # same architecture, weights = the EMA shadow tensors
     unet_lora: object | None
+    teacher_adapter: torch.nn.Module | None = None  # frozen, for --ode_model teacher
     trainable: dict = field(default_factory=dict)  # "adapter.<name>" / "unet_lora.<name>" -> Parameter
     adapter_type: str = "controlnet"
 
@@ -87,6 +88,14 @@ def build_models(args, device, weight_dtype) -> Models:
     adapter = adapter_lib.build_adapter(unet, adapter_type, **adapter_kwargs)
     target_adapter = adapter_lib.build_adapter(unet, adapter_type, **adapter_kwargs)
     target_adapter.requires_grad_(False)
+    if args.init_adapter:  # before the EMA is made from these weights, so the EMA starts there too
+        load_adapter_into(adapter, args.init_adapter, "--init_adapter")
+    teacher_adapter = None
+    if args.teacher_adapter:
+        teacher_adapter = adapter_lib.build_adapter(unet, adapter_type, **adapter_kwargs)
+        load_adapter_into(teacher_adapter, args.teacher_adapter, "--teacher_adapter")
+        teacher_adapter.requires_grad_(False)
+        teacher_adapter.eval()
     unet_lora = None
     if args.unet_lora_dim:
         from trainer.lora import add_unet_lora
@@ -109,8 +118,21 @@ def build_models(args, device, weight_dtype) -> Models:
         trainable.update({f"unet_lora.{n}": p for n, p in unet_lora.trainable_named_parameters()})
     for p in target_adapter.parameters():  # its trainable-named weights become the EMA tensors later
         p.data = p.data.to(device, weight_dtype)
+    if teacher_adapter is not None:
+        teacher_adapter.to(device, weight_dtype)
     return Models(base=base, adapter=adapter, target_adapter=target_adapter, unet_lora=unet_lora,
-                  trainable=trainable, adapter_type=adapter_type)
+                  trainable=trainable, adapter_type=adapter_type, teacher_adapter=teacher_adapter)
+
+
+def load_adapter_into(adapter, path, flag: str) -> None:
+    """Load an exported adapter file into ``adapter``; a file of another type, base or shape stops with a message
+    naming the flag and the file."""
+    try:
+        tensors, _ = export.load_adapter_file(path)
+        adapter.load_exported(tensors)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{flag} {path}: cannot load it into this {type(adapter).__name__} "
+                              f"(same --adapter_type, base model and hint channels needed): {exc}") from exc
 
 
 def tie_target_to_ema(models: Models, ema: cs.EMA) -> None:
@@ -169,6 +191,7 @@ def adapter_metadata(args, models: Models, step: int, num_images: int, resolutio
         cfg_range=args.cfg_range or (1.0, 1.0), recommended_steps=min(args.recommended_steps, 8),
         recommended_cfg=float(args.cfg_range[0]) if args.cfg_range else 1.0,
         sampler_mode=args.sample_sampler, hint_preprocessing=hint_preprocessing or {"type": args.task},
+        objective=args.loss,
     )
     return export.build_metadata(
         codi=codi, base_architecture=base.modelspec_architecture, adapter_type=models.adapter_type,
@@ -325,6 +348,10 @@ def train(args) -> dict:
     def online_fn(z, t, cond, w=None):
         return online(z, t, cond)
 
+    def teacher_fn(z, t, cond, w=None):
+        with unet_lora_disabled(models):
+            return adapter_lib.adapted_unet_output(base.unet, models.teacher_adapter, z, t, cond)
+
     # ---- resume
     step, micro_step, epoch, position = 0, 0, 0, 0
     if args.resume:
@@ -369,8 +396,13 @@ def train(args) -> dict:
             generator = torch.Generator().manual_seed(
                 hash((args.seed, micro_step, accelerator.process_index)) % (2**63))
             with accelerator.autocast():
-                loss, diag = cs.codi_loss(online_fn, target_fn, latents, cond, loss_config, schedule,
-                                          base=base_fn, uncond=uncond, generator=generator)
+                if args.loss == "diffusion":
+                    loss, diag = cs.diffusion_loss(online_fn, latents, cond, schedule, base.prediction_type,
+                                                   generator=generator)
+                else:
+                    loss, diag = cs.codi_loss(online_fn, target_fn, latents, cond, loss_config, schedule,
+                                              base=base_fn, uncond=uncond, generator=generator,
+                                              teacher=teacher_fn)
             if nan_at and step + 1 == nan_at:
                 loss = loss * float("nan")
             finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1).float()).min().item() == 1.0
