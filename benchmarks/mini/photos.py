@@ -94,3 +94,28 @@ def random_crops(images: dict[str, list[np.ndarray]], count: int, size: int, rng
             crop = crop[:, ::-1]
         out[k] = crop.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     return out
+
+
+def write_crops(names, out_dir, count: int, seed: int, size: int = 64) -> list:
+    """Write ``count`` seeded random ``size``x``size`` crops of the named photos (see :func:`random_crops`) as PNGs
+    ``00000.png, ...`` into ``out_dir``; returns the paths. A folder that already holds exactly these files (same
+    count, a ``crops.json`` with the same names/seed/size) is left as it is, so reruns cost nothing."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    recipe = {"names": sorted(names), "count": count, "seed": seed, "size": size,
+              "pyramid_short_sides": list(PYRAMID_SHORT_SIDES)}
+    stamp = out / "crops.json"
+    paths = [out / f"{k:05d}.png" for k in range(count)]
+    if stamp.exists() and json.loads(stamp.read_text()) == recipe and all(p.exists() for p in paths):
+        return paths
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    crops = random_crops(load_images(names), count, size, np.random.default_rng(seed))
+    for path, crop in zip(paths, crops):
+        pixels = ((crop.transpose(1, 2, 0) + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(path)
+    stamp.write_text(json.dumps(recipe, indent=1))
+    return paths

@@ -1,0 +1,414 @@
+"""Miniature reproduction of the CoDi paper's tables (issue 6): one command trains every method and writes the tables.
+
+    .venv/bin/python benchmarks/mini/repro.py              # train what is missing, evaluate, write the results
+    .venv/bin/python benchmarks/mini/repro.py --phase eval # re-score the trained adapters only
+
+Everything real except scale: the committed pixel-space base (``benchmarks/mini/base``, pretrained here on real photos),
+the trainer (``trainer/train.py``) and its condition builders, held-out crops of test-split photos. Every method trains
+the same adapter (a ControlNet: encoder copy + hint CNN 16,32 + zero convs) with the same budget (steps x batch):
+
+    controlnet   plain denoising loss (``--loss diffusion``), sampled with DDIM at 50/8/4/2/1 steps
+    pe_codi      CoDi, adapter only (the paper's PE-CoDi), 1/2/4 steps
+    codi_lora    CoDi, adapter + a jointly trained UNet LoRA (our stand-in for the paper's full CoDi), 1/2/4 steps
+    two_stage    ``controlnet`` then LCM-style consistency distillation of it (``--ode_model teacher``, lambda 0), 4 steps
+    ablations    CoDi at 4 steps with the one-step ODE from the frozen base, eps-space consistency, per-sample t
+
+Each training run is a ``trainer/train.py`` subprocess that saves its full state every ``--save_every`` steps; a rerun
+skips finished runs and resumes unfinished ones from their last state (an interrupted benchmark loses at most
+``--save_every`` steps per run). Outputs: ``<work>/runs/<name>/`` (adapters, logs, ``done.json``),
+``<work>/eval/metrics.json``, and with ``--results`` (default ``benchmarks/results``) ``mini_repro_metrics.json``, the tables
+``mini_repro_tables.md`` and the PNG grids ``mini_repro_<task>.png``; ``benchmarks/results/mini_repro.md`` quotes
+those tables and reads them against the paper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+BASE = HERE / "base"
+
+# The shared recipe of every training run (the demo uses the same; see benchmarks/mini/demo.py).
+COMMON = ["--resolution", "64", "--adapter_type", "controlnet", "--conditioning_embedding_channels", "16,32",
+          "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "20", "--ema_decay", "0.99",
+          "--max_grad_norm", "1.0", "--save_precision", "float"]
+BATCH_SIZE, LEARNING_RATE = 8, 1e-3
+TASK_FLAGS = {"sr": ["--task", "sr", "--sr_scale", "4"], "inpaint": ["--task", "inpaint"]}
+
+
+def run_table(tasks) -> list[dict]:
+    """The training runs, in order (a run may depend on an earlier one's adapter)."""
+    runs = []
+    for task in tasks:
+        runs += [
+            {"name": f"{task}_controlnet", "task": task, "flags": ["--loss", "diffusion"]},
+            {"name": f"{task}_pe_codi", "task": task, "flags": []},
+            {"name": f"{task}_codi_lora", "task": task, "flags": ["--unet_lora_dim", "16"]},
+            {"name": f"{task}_two_stage", "task": task, "needs": f"{task}_controlnet",
+             "flags": ["--ode_model", "teacher", "--guidance_weight", "0"]},
+        ]
+    if "sr" in tasks:  # the paper's ablations are on SR
+        runs += [
+            {"name": "sr_ablation_ode_base", "task": "sr", "flags": ["--ode_model", "base"]},
+            {"name": "sr_ablation_eps_space", "task": "sr", "flags": ["--consistency_space", "eps"]},
+            {"name": "sr_ablation_per_sample_t", "task": "sr", "flags": ["--shared_timestep", "false"]},
+        ]
+    return runs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", choices=("all", "train", "eval"), default="all")
+    p.add_argument("--work", type=Path, default=HERE / "work", help="runs, data crops and raw metrics (git-ignored)")
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
+                   help="where the metrics JSON and PNG grids go")
+    p.add_argument("--tasks", default="sr,inpaint")
+    p.add_argument("--only", default=None, help="comma-separated run names to train (default: all)")
+    p.add_argument("--steps", type=int, default=900, help="training steps per run")
+    p.add_argument("--batch_size", type=int, default=BATCH_SIZE)
+    p.add_argument("--learning_rate", type=float, default=LEARNING_RATE)
+    p.add_argument("--train_crops", type=int, default=2048, help="64x64 training crops of the train-split photos")
+    p.add_argument("--test_crops", type=int, default=256, help="held-out 64x64 crops of the test-split photos")
+    p.add_argument("--save_every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="training runs at a time (each with --threads threads); on a 2-core CPU two 1-thread runs "
+                        "beat one 2-thread run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training run and for the evaluation")
+    p.add_argument("--eval_batch", type=int, default=64)
+    p.add_argument("--eval_threads", type=int, default=os.cpu_count() or 1, help="torch threads of the evaluation")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def prepare_data(args) -> dict[str, Path]:
+    sys.path.insert(0, str(HERE))
+    import photos
+
+    split = json.loads((BASE / "split.json").read_text())
+    train = args.work / "data" / "train"
+    test = args.work / "data" / "test"
+    photos.write_crops(split["train"], train, args.train_crops, seed=args.seed)
+    photos.write_crops(split["test"], test, args.test_crops, seed=args.seed + 1)
+    return {"train": train, "test": test}
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _latest_state(run_dir: Path, name: str) -> Path | None:
+    """The newest complete ``<name>-stepNNNNNNNN-state`` folder (a kill during a save leaves an incomplete one)."""
+    from trainer.state import STATE_FILES
+
+    states = [p for p in sorted(run_dir.glob(f"{name}-step*-state"))
+              if all((p / f).is_file() for f in STATE_FILES)]
+    return states[-1] if states else None
+
+
+def train_run(run: dict, args, data: dict[str, Path]) -> dict:
+    """Train one run (or resume it, or skip it when done.json exists); returns its done.json."""
+    run_dir = args.work / "runs" / run["name"]
+    done = run_dir / "done.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flags = list(run["flags"])
+    if run.get("needs"):
+        teacher = args.work / "runs" / run["needs"] / f"{run['needs']}.safetensors"
+        if not teacher.is_file():
+            raise SystemExit(f"repro: {run['name']} needs {teacher}: train {run['needs']} first")
+        flags += ["--init_adapter", str(teacher), "--teacher_adapter", str(teacher)]
+    argv = [sys.executable, str(REPO / "trainer" / "train.py"), "--pretrained_model_name_or_path", str(BASE),
+            "--train_data_dir", str(data["train"]), *TASK_FLAGS[run["task"]], *COMMON, *flags,
+            "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
+            "--learning_rate", str(args.learning_rate), "--seed", str(args.seed),
+            "--save_every_n_steps", str(args.save_every), "--save_state", "--save_last_n_steps", str(args.save_every),
+            "--output_dir", str(run_dir), "--output_name", run["name"]]
+    state = _latest_state(run_dir, run["name"])
+    if state is not None:
+        argv += ["--resume", str(state)]
+        print(f"repro: {run['name']}: resuming from {state.name}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    print(f"repro: training {run['name']} ({args.steps} steps x batch {args.batch_size})", flush=True)
+    start = time.time()
+    with open(run_dir / "train.log", "a") as log:
+        code = subprocess.run(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.time() - start
+    if code != 0:
+        raise SystemExit(f"repro: {run['name']} failed (exit {code}); see {run_dir / 'train.log'}")
+    text = (run_dir / "train.log").read_text()
+    trained = [float(m) for m in re.findall(r"codi: done: \d+ steps \(\d+ this run\) in ([0-9.]+) s", text)]
+    record = {"name": run["name"], "task": run["task"], "flags": flags, "steps": args.steps,
+              "batch_size": args.batch_size, "seconds_this_call": seconds, "training_seconds": sum(trained),
+              "resumed": state is not None, "command": " ".join(argv[1:])}
+    done.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def train_all(runs: list[dict], args, data) -> None:
+    """Train ``runs`` with ``--jobs`` at a time; a run that needs another waits for it (it is earlier in the list,
+    so it is already running or done)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    futures = {}
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        def job(run):
+            if run.get("needs") in futures:
+                futures[run["needs"]].result()
+            return train_run(run, args, data)
+
+        for run in runs:
+            futures[run["name"]] = pool.submit(job, run)
+        for future in futures.values():
+            future.result()  # re-raises a failed run's SystemExit
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def sampling_plans(task: str) -> list[dict]:
+    """(method label, run, steps, sampler) rows of the tables, in the paper's order."""
+    plans = [{"method": f"ControlNet (DDIM)", "run": f"{task}_controlnet", "steps": n, "mode": "ode",
+              "boundary": False} for n in (50, 8, 4, 2, 1)]
+    plans += [{"method": "Two-stage (ControlNet + LCM)", "run": f"{task}_two_stage", "steps": 4,
+               "mode": "consistency", "boundary": True}]
+    plans += [{"method": "PE-CoDi", "run": f"{task}_pe_codi", "steps": n, "mode": "ode", "boundary": True}
+              for n in (1, 2, 4)]
+    plans += [{"method": "CoDi + UNet LoRA", "run": f"{task}_codi_lora", "steps": n, "mode": "ode",
+               "boundary": True} for n in (1, 2, 4)]
+    if task == "sr":
+        plans += [{"method": label, "run": run, "steps": 4, "mode": "ode", "boundary": True} for label, run in (
+            ("ablation: ODE model = frozen base", "sr_ablation_ode_base"),
+            ("ablation: eps-space consistency", "sr_ablation_eps_space"),
+            ("ablation: per-sample t", "sr_ablation_per_sample_t"))]
+    return plans
+
+
+def evaluation_pairs(task: str, test_dir: Path, seed: int):
+    """Held-out pairs: every test crop with its condition drawn from (validation seed, index) by the trainer's own
+    validation dataset (fixed per crop, identical for every method)."""
+    from trainer.config import parse_args as trainer_args
+    from trainer.data import build_datasets
+    from trainer.quality import EvalPair
+
+    targs = trainer_args(["--pretrained_model_name_or_path", str(BASE), "--train_data_dir", str(test_dir),
+                          "--validation_data_dir", str(test_dir), *TASK_FLAGS[task], "--resolution", "64",
+                          "--seed", str(seed)])
+    _, validation = build_datasets(targs, (64, 64))
+    pairs = []
+    for index in range(len(validation)):
+        item = validation.get(index)
+        pairs.append(EvalPair(target=(item["pixel_values"] + 1) / 2, hint=item["hint"], mask=item.get("mask"),
+                              name=validation.items[index].image_path.stem))
+    return pairs
+
+
+def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[list, float, int]:
+    """Sample every pair with one plan; returns (images in [0, 1], seconds per image, NFE per image)."""
+    import torch
+
+    import ccd_sampler as cs
+    from trainer.adapters import adapted_unet_output, text_conditioning
+    from trainer.quality import reference_timesteps
+
+    timesteps = reference_timesteps(plan["steps"], 50)
+    schedule = cs.NoiseSchedule.stable_diffusion()
+    calls = {"n": 0}
+
+    def denoise(z, t, cond):
+        calls["n"] += z.shape[0]
+        return adapted_unet_output(base.unet, adapter, z, t, cond)
+
+    images, seconds = [], 0.0
+    for start in range(0, len(pairs), batch):
+        group = list(range(start, min(start + batch, len(pairs))))
+        hint = torch.stack([pairs[i].hint for i in group]).float()
+        text = base.encode_text([""] * len(group))
+        cond = text_conditioning(text, hint)
+        # the same starting noise for a crop under every method and step count
+        noise = torch.stack([torch.randn((3, 64, 64), generator=torch.Generator().manual_seed(seed + i))
+                             for i in group])
+        generator = torch.Generator().manual_seed(seed + 7919 * (start + 1))
+        tic = time.perf_counter()
+        with torch.no_grad():
+            out = cs.sample(denoise, noise, timesteps, base.prediction_type, schedule=schedule, mode=plan["mode"],
+                            cond=cond, generator=generator, boundary=plan["boundary"])
+        seconds += time.perf_counter() - tic
+        images += list((out.float() / 2 + 0.5).clamp(0, 1))
+    return images, seconds / len(pairs), calls["n"] // len(pairs)
+
+
+def score(images, pairs, task: str, feature_net) -> dict:
+    import torch
+
+    from trainer.quality import masked_psnr, psnr, ssim
+
+    pred = torch.stack(images)
+    target = torch.stack([p.target.float() for p in pairs])
+    out = {"psnr": float(psnr(pred, target).mean()), "ssim": float(ssim(pred, target).mean())}
+    if task == "inpaint":
+        masks = torch.stack([(p.hint[:1] < 0).float() for p in pairs])
+        out["masked_psnr"] = float(masked_psnr(pred, target, masks).mean())
+    if feature_net is not None:
+        import features
+
+        out.update(features.distribution_metrics(feature_net, pred, target))
+    return out
+
+
+def baseline_images(pairs, task: str) -> list:
+    from trainer.quality import default_baseline
+
+    import torch
+
+    mean_colour = torch.stack([p.target.float().flatten(1).mean(1) for p in pairs]).mean(0)
+    return [default_baseline(p, task, mean_colour).float().clamp(0, 1) for p in pairs]
+
+
+def evaluate(args, data) -> dict:
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import features
+    from trainer.checkpoints import load_base_model
+    from trainer.quality_report import load_adapter
+
+    torch.set_num_threads(args.eval_threads)
+    feature_net = features.load_feature_net(HERE / "featnet" / "feature_net.safetensors")
+    results = {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}, "tasks": {}}
+    grids = {}
+    for task in args.tasks.split(","):
+        pairs = evaluation_pairs(task, data["test"], args.seed)
+        rows = []
+        base_imgs = baseline_images(pairs, task)
+        rows.append({"method": "bicubic" if task == "sr" else "mean fill", "steps": 0, "nfe": 0,
+                     "seconds_per_image": 0.0, **score(base_imgs, pairs, task, feature_net)})
+        grid_columns = {"condition": [condition_image(p, task) for p in pairs[:GRID_ROWS]],
+                        rows[0]["method"]: base_imgs[:GRID_ROWS]}
+        for plan in sampling_plans(task):
+            path = args.work / "runs" / plan["run"] / f"{plan['run']}.safetensors"
+            if not path.is_file():
+                print(f"repro: skipping {plan['method']} {plan['steps']}: {path} not trained", flush=True)
+                continue
+            base = load_base_model(BASE)  # fresh: a UNet LoRA is injected into it
+            adapter, _, _ = load_adapter(base, path)
+            images, spi, nfe = generate(base, adapter, pairs, plan, args.seed, args.eval_batch)
+            row = {"method": plan["method"], "run": plan["run"], "steps": plan["steps"], "sampler": plan["mode"],
+                   "nfe": nfe, "seconds_per_image": spi, **score(images, pairs, task, feature_net)}
+            rows.append(row)
+            print(f"repro: {task} {plan['method']} {plan['steps']} steps: PSNR {row['psnr']:.2f} "
+                  f"SSIM {row['ssim']:.4f} FD-patch {row['fd_patch']:.2f} ({spi * 1000:.1f} ms/img)", flush=True)
+            if (plan["method"], plan["steps"]) in GRID_METHODS:
+                grid_columns[f"{plan['method']} {plan['steps']}"] = images[:GRID_ROWS]
+        grid_columns["ground truth"] = [p.target.float() for p in pairs[:GRID_ROWS]]
+        results["tasks"][task] = {"pairs": len(pairs), "rows": rows}
+        grids[task] = grid_columns
+    return results, grids
+
+
+GRID_ROWS = 6
+GRID_METHODS = {("ControlNet (DDIM)", 50), ("ControlNet (DDIM)", 4), ("Two-stage (ControlNet + LCM)", 4),
+                ("PE-CoDi", 1), ("PE-CoDi", 4), ("CoDi + UNet LoRA", 4)}
+
+
+def condition_image(pair, task: str):
+    """What the grid's first column shows: the hint (SR: the degraded low-res upsampled; inpaint: grey holes)."""
+    hint = pair.hint.float()
+    return hint.clamp(0, 1) if task != "inpaint" else hint.where(hint >= 0, 0.5)
+
+
+def write_grid(columns: dict, path: Path, scale: int = 2) -> Path:
+    from PIL import Image, ImageDraw
+
+    names = list(columns)
+    rows = len(next(iter(columns.values())))
+    cell, label_h = 64 * scale, 28
+    sheet = Image.new("RGB", (cell * len(names), label_h + cell * rows), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(names):
+        words, lines = name.replace("(", "").replace(")", "").split(), ["", ""]
+        for word in words:  # two short lines under a narrow column
+            k = 0 if len(lines[0]) + len(word) < 18 else 1
+            lines[k] = (lines[k] + " " + word).strip()
+        draw.text((c * cell + 3, 2), lines[0], fill="black")
+        draw.text((c * cell + 3, 14), lines[1], fill="black")
+        for r, image in enumerate(columns[name]):
+            array = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
+            tile = Image.fromarray(array).resize((cell, cell), Image.NEAREST)
+            sheet.paste(tile, (c * cell, label_h + r * cell))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def markdown_tables(results: dict) -> str:
+    """The tables of ``mini_repro.md`` in the paper's layout (Steps | Method | metrics), one per task."""
+    out = []
+    for task, data in results["tasks"].items():
+        extra = task == "inpaint"
+        out.append(f"### {'4x super-resolution' if task == 'sr' else 'Inpainting'} ({data['pairs']} held-out crops)\n")
+        out.append("| Steps | Method | PSNR ↑ | SSIM ↑ |" + (" PSNR in mask ↑ |" if extra else "")
+                   + " FD-patch ↓ | KD-patch ×1000 ↓ | NFE | ms / image |")
+        out.append("|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|")
+        for r in data["rows"]:
+            steps = "–" if not r["steps"] else str(r["steps"])
+            method = r["method"] + (" (LCM sampler)" if r.get("sampler") == "consistency" else "")
+            out.append(f"| {steps} | {method} | {r['psnr']:.2f} | {r['ssim']:.4f} |"
+                       + (f" {r['masked_psnr']:.2f} |" if extra else "")
+                       + f" {r['fd_patch']:.2f} | {r['kd_patch'] * 1000:.1f} | {r['nfe']} |"
+                       f" {r['seconds_per_image'] * 1000:.1f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def machine() -> dict:
+    import torch
+
+    from trainer.quality import _cpu_name
+
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    args.work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    data = prepare_data(args)
+    tasks = args.tasks.split(",")
+    if args.phase in ("all", "train"):
+        wanted = set(args.only.split(",")) if args.only else None
+        train_all([r for r in run_table(tasks) if wanted is None or r["name"] in wanted], args, data)
+    if args.phase in ("all", "eval"):
+        results, grids = evaluate(args, data)
+        results["runs"] = {p.parent.name: json.loads(p.read_text())
+                           for p in sorted((args.work / "runs").glob("*/done.json"))}
+        results["eval_seconds"] = time.time() - start
+        out = args.work / "eval" / "metrics.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "mini_repro_metrics.json").write_text(json.dumps(results, indent=1))
+        (args.results / "mini_repro_tables.md").write_text(markdown_tables(results))
+        for task, columns in grids.items():
+            write_grid(columns, args.results / f"mini_repro_{task}.png")
+        print(f"repro: wrote {args.results / 'mini_repro_metrics.json'} and the grids "
+              f"({time.time() - start:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The miniature reproduction's runner (``benchmarks/mini/repro.py``, issue 6) is wired end to end: tiny training runs
+through the trainer (with a dependency: the two-stage baseline distills the ControlNet run), resume after an
+interruption, and the evaluation writes the metrics JSON and a grid. Real photos, the committed base, CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks" / "mini"))
+
+import repro  # noqa: E402
+
+TINY = ["--steps", "2", "--batch_size", "2", "--save_every", "1", "--train_crops", "8", "--test_crops", "3",
+        "--jobs", "2", "--threads", "1", "--eval_batch", "2", "--tasks", "sr"]
+
+
+def test_run_table_shares_one_budget_and_orders_dependencies():
+    runs = repro.run_table(["sr", "inpaint"])
+    names = [r["name"] for r in runs]
+    assert len(names) == len(set(names)) == 11
+    for run in runs:
+        if run.get("needs"):
+            assert names.index(run["needs"]) < names.index(run["name"])
+        # only the method's own flags differ: budget, adapter and optimiser come from COMMON / the CLI
+        assert not {"--max_train_steps", "--train_batch_size", "--learning_rate", "--adapter_type"} & set(run["flags"])
+    plans = repro.sampling_plans("sr")
+    assert [p["steps"] for p in plans if p["run"] == "sr_controlnet"] == [50, 8, 4, 2, 1]
+    assert all(p["run"] in names for p in plans)
+
+
+def test_repro_trains_resumes_and_evaluates(tmp_path):
+    work, results = tmp_path / "work", tmp_path / "results"
+    args = [*TINY, "--work", str(work), "--results", str(results)]
+    only = ["--only", "sr_controlnet,sr_two_stage"]
+    assert repro.main([*args, "--phase", "train", *only]) == 0
+    done = json.loads((work / "runs" / "sr_two_stage" / "done.json").read_text())
+    assert "--teacher_adapter" in done["flags"] and done["steps"] == 2
+    # an interrupted run resumes from its last complete state: drop the final files, keep the step-1 state
+    run_dir = work / "runs" / "sr_controlnet"
+    (run_dir / "done.json").unlink()
+    (run_dir / "sr_controlnet.safetensors").unlink()
+    assert repro.main([*args, "--phase", "train", "--only", "sr_controlnet"]) == 0
+    record = json.loads((run_dir / "done.json").read_text())
+    assert record["resumed"] and "--resume" in record["command"]
+    assert "resumed from" in (run_dir / "train.log").read_text()
+
+    assert repro.main([*args, "--phase", "eval"]) == 0
+    metrics = json.loads((results / "mini_repro_metrics.json").read_text())
+    rows = metrics["tasks"]["sr"]["rows"]
+    methods = {(r["method"], r["steps"]) for r in rows}
+    assert ("bicubic", 0) in methods and ("ControlNet (DDIM)", 50) in methods
+    assert ("Two-stage (ControlNet + LCM)", 4) in methods
+    assert not any(r["method"] == "PE-CoDi" for r in rows)  # not trained here: skipped, not invented
+    for row in rows:
+        assert row["psnr"] > 5 and 0 < row["ssim"] <= 1 and row["fd_patch"] >= 0
+    assert {r["nfe"] for r in rows if r["method"] == "ControlNet (DDIM)"} == {50, 8, 4, 2, 1}
+    assert (results / "mini_repro_sr.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="needs"):
+        repro.main([*args, "--phase", "train", "--only", "sr_two_stage", "--work", str(tmp_path / "empty")])
