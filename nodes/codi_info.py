@@ -58,7 +58,7 @@ class CoDiInfo:
         return (f"{self.name} ({self.architecture or 'unknown architecture'}; {source}): task={m.task}, "
                 f"grid N={m.distill_grid}, steps={m.recommended_steps}, cfg={m.recommended_cfg}, "
                 f"mode={m.sampler_mode}, boundary={m.boundary} (sigma_data={m.sigma_data}, tau={m.timestep_scaling}), "
-                f"prediction={m.prediction_type}")
+                f"prediction={m.prediction_type}, objective={m.objective}")
 
 
 def register_codi_folder() -> None:

@@ -53,6 +53,10 @@ def load_adapter(name: str):
         raise ValueError(f"CoDi adapter {name!r} ({path}) holds no ControlNet, Control-LoRA or T2I-adapter weights")
     control_net.codi_info = info
     logger.info("CoDi: loaded %s as %s", info.describe(), type(control_net).__name__)
+    if info.metadata.objective == "diffusion":
+        logger.warning("CoDi: %s was trained with the plain diffusion loss (an ordinary ControlNet, trainer --loss "
+                       "diffusion), not distilled: sample it with many steps (KSampler, 20-50 steps); at 1-4 CoDi "
+                       "steps it gives poor images", info.name)
     return control_net, info
 
 

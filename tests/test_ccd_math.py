@@ -489,7 +489,8 @@ def test_metadata_round_trip_and_types(tmp_path):
     from safetensors.torch import save_file
 
     meta = cs.CoDiMetadata(task="sr", adapter_type="control-lora", guidance_mode="cfg", cfg_range=(2.0, 8.0),
-                           prediction_type="v", recommended_steps=4, hint_preprocessing={"type": "sr", "scale": 4})
+                           prediction_type="v", recommended_steps=4, hint_preprocessing={"type": "sr", "scale": 4},
+                           objective="diffusion")
     strings = meta.to_metadata()
     assert all(isinstance(v, str) for v in strings.values())
     assert strings["codi.prediction_type"] == "v_prediction" and strings["codi.boundary"] == "true"
@@ -508,6 +509,7 @@ def test_metadata_round_trip_and_types(tmp_path):
     ("codi.recommended_steps", "12", "recommended_steps"),
     ("codi.cfg_range", "8,2", "cfg_range"),
     ("codi.hint_preprocessing", "[1]", "cannot parse"),
+    ("codi.objective", "lcm", "objective must be one of"),
     ("codi.unknown_key", "1", "unknown codi"),
     ("codi.format_version", "99", "newer"),
 ])
