@@ -180,3 +180,14 @@ def test_baseline_objectives_diffusion_then_teacher_distillation(bundle, photos6
     assert train_main([*common, "--init_adapter", str(tmp_path / "cn.safetensors"),
                        "--conditioning_embedding_channels", "16,32,96,256", "--output_name", "x"]) == 2
     assert "--init_adapter" in capsys.readouterr().err
+
+
+def test_dry_run_on_the_pixel_space_bundle(bundle, capsys):
+    """--dry_run probes activations with hints at the latent size times the base's downscale (1 here, not SD's 8)."""
+    from trainer.loop import main as train_main
+
+    assert train_main(["--pretrained_model_name_or_path", str(bundle), "--dry_run", "--resolution", "64",
+                       "--adapter_type", "controlnet", "--conditioning_embedding_channels", "16,32",
+                       "--train_batch_size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted memory" in out and "activations (estimate)" in out

@@ -650,13 +650,14 @@ def predict_memory(args, models, optimizer, resolution, weight_dtype, device) ->
 
     def probe(h, w):
         z = torch.randn(args.train_batch_size, base.unet.config.in_channels, h, w, device=device, dtype=weight_dtype)
-        hint = torch.rand(args.train_batch_size, 3, h * 8, w * 8, device=device, dtype=weight_dtype)
+        down = base.latent_downscale  # 1 for a pixel-space base bundle
+        hint = torch.rand(args.train_batch_size, 3, h * down, w * down, device=device, dtype=weight_dtype)
         t = torch.full((args.train_batch_size,), 500, device=device)
         cond = text_conditioning(text, hint)
         return memory.saved_activation_bytes(
             lambda: adapter_lib.adapted_unet_output(base.unet, models.adapter, z, t, cond), compute_bytes)
 
-    activations = memory.extrapolate_activations(probe, resolution)
+    activations = memory.extrapolate_activations(probe, resolution, downscale=base.latent_downscale)
     return memory.MemoryPrediction(
         frozen_weights=frozen, trainable_weights=trainable_count * train_bytes,
         gradients=trainable_count * train_bytes,

@@ -89,10 +89,11 @@ class MemoryPrediction:
         return "\n".join(lines)
 
 
-def extrapolate_activations(probe, resolution: tuple[int, int], probe_sizes=(16, 32)) -> int:
-    """Fit ``a + b * latent_area`` through ``probe(h, w)`` at two small latent sizes, evaluate at ``resolution``."""
+def extrapolate_activations(probe, resolution: tuple[int, int], probe_sizes=(16, 32), downscale: int = 8) -> int:
+    """Fit ``a + b * latent_area`` through ``probe(h, w)`` at two small latent sizes, evaluate at ``resolution``
+    (pixels; latent = pixels / ``downscale``: 8 for SD's VAE, 1 for a pixel-space base)."""
     (s1, s2) = probe_sizes
     a1, a2 = probe(s1, s1), probe(s2, s2)
     slope = (a2 - a1) / (s2 * s2 - s1 * s1)
-    area = (resolution[0] // 8) * (resolution[1] // 8)
+    area = (resolution[0] // downscale) * (resolution[1] // downscale)
     return int(max(a2, a1 + slope * (area - s1 * s1)))
