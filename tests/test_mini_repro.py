@@ -29,8 +29,9 @@ def test_run_table_shares_one_budget_and_orders_dependencies():
         # only the method's own flags differ: budget, adapter and optimiser come from COMMON / the CLI
         assert not {"--max_train_steps", "--train_batch_size", "--learning_rate", "--adapter_type"} & set(run["flags"])
     plans = repro.sampling_plans("sr")
-    assert [p["steps"] for p in plans if p["run"] == "sr_controlnet"] == [50, 8, 4, 2, 1]
-    assert all(p["run"] in names for p in plans)
+    main = [p for p in plans if p.get("table", "main") == "main"]
+    assert [p["steps"] for p in main if p["run"] == "sr_controlnet"] == [50, 8, 4, 2, 1]
+    assert all(p["run"] is None or p["run"] in names for p in plans)
 
 
 def test_repro_trains_resumes_and_evaluates(tmp_path):
@@ -56,9 +57,14 @@ def test_repro_trains_resumes_and_evaluates(tmp_path):
     assert ("bicubic", 0) in methods and ("ControlNet (DDIM)", 50) in methods
     assert ("Two-stage (ControlNet + LCM)", 4) in methods
     assert not any(r["method"] == "PE-CoDi" for r in rows)  # not trained here: skipped, not invented
+    supplementary = {r["method"]: r for r in rows if r["table"] == "supplementary"}
+    assert set(supplementary) == {"img2img from bicubic: base alone", "img2img from bicubic: ControlNet"}
+    assert all(r["nfe"] == r["steps"] == 4 for r in supplementary.values())  # t = 420, 280, 140, 0
     for row in rows:
         assert row["psnr"] > 5 and 0 < row["ssim"] <= 1 and row["fd_patch"] >= 0
     assert {r["nfe"] for r in rows if r["method"] == "ControlNet (DDIM)"} == {50, 8, 4, 2, 1}
     assert (results / "mini_repro_sr.png").stat().st_size > 1000
+    tables = (results / "mini_repro_tables.md").read_text()
+    assert "| 50 | ControlNet (DDIM) |" in tables and "supplementary: img2img" in tables
     with pytest.raises(SystemExit, match="needs"):
         repro.main([*args, "--phase", "train", "--only", "sr_two_stage", "--work", str(tmp_path / "empty")])
