@@ -64,6 +64,9 @@ def test_repro_trains_resumes_and_evaluates(tmp_path):
         assert row["psnr"] > 5 and 0 < row["ssim"] <= 1 and row["fd_patch"] >= 0
     assert {r["nfe"] for r in rows if r["method"] == "ControlNet (DDIM)"} == {50, 8, 4, 2, 1}
     assert (results / "mini_repro_sr.png").stat().st_size > 1000
+    diag = metrics["tasks"]["sr"]["denoising_accuracy"]
+    assert set(diag) == {"base alone", "sr_controlnet", "sr_two_stage"}
+    assert diag["base alone"]["x0_psnr_t20"] > diag["base alone"]["x0_psnr_t980"]  # accurate at low noise only
     tables = (results / "mini_repro_tables.md").read_text()
     assert "| 50 | ControlNet (DDIM) |" in tables and "supplementary: img2img" in tables
     with pytest.raises(SystemExit, match="needs"):

@@ -261,6 +261,43 @@ def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[l
     return images, seconds / len(pairs), calls["n"] // len(pairs)
 
 
+DIAGNOSTIC_T = (20, 200, 500, 800, 980)
+
+
+def denoising_accuracy(base, adapter, pairs, seed: int, batch: int) -> dict:
+    """PSNR of the one-step estimate x0 = (z_t - sigma_t eps_hat) / alpha_t against the target at fixed t (z_t made
+    from the target and seeded noise), and the standard deviation of x0 from *pure noise* at t = 980: how accurate
+    the (adapted) model is at each noise level, in particular at the t ~ 980 every few-step sampler starts from."""
+    import torch
+
+    import ccd_sampler as cs
+    from trainer.adapters import adapted_unet_output, text_conditioning
+    from trainer.quality import psnr
+
+    schedule = cs.NoiseSchedule.stable_diffusion()
+    x = torch.stack([p.target.float() for p in pairs]) * 2 - 1
+    hint = torch.stack([p.hint.float() for p in pairs])
+    out = {}
+    for t in (*DIAGNOSTIC_T, "noise"):
+        estimates = []
+        for start in range(0, len(pairs), batch):
+            xb, hb = x[start:start + batch], hint[start:start + batch]
+            tt = torch.full((len(xb),), 980 if t == "noise" else t)
+            alpha, sigma = schedule.alpha_sigma(tt, like=xb)
+            noise = torch.randn(xb.shape, generator=torch.Generator().manual_seed(seed + 31 * start + 1))
+            z = noise if t == "noise" else alpha * xb + sigma * noise
+            cond = text_conditioning(base.encode_text([""] * len(xb)), hb)
+            with torch.no_grad():
+                eps = adapted_unet_output(base.unet, adapter, z, tt, cond)
+            estimates.append((z - sigma * eps) / alpha)
+        x0 = torch.cat(estimates)
+        if t == "noise":
+            out["x0_std_from_noise_980"] = float(x0.std())
+        else:
+            out[f"x0_psnr_t{t}"] = float(psnr((x0 / 2 + 0.5).clamp(0, 1), x / 2 + 0.5).mean())
+    return out
+
+
 def score(images, pairs, task: str, feature_net) -> dict:
     import torch
 
@@ -329,7 +366,15 @@ def evaluate(args, data) -> dict:
             if (plan["method"], plan["steps"]) in GRID_METHODS:
                 grid_columns[f"{plan['method']} {plan['steps']}"] = images[:GRID_ROWS]
         grid_columns["ground truth"] = [p.target.float() for p in pairs[:GRID_ROWS]]
-        results["tasks"][task] = {"pairs": len(pairs), "rows": rows}
+        diagnostics = {}
+        for run in [None, *dict.fromkeys(p["run"] for p in sampling_plans(task) if p["run"])]:
+            base = load_base_model(BASE)
+            path = None if run is None else args.work / "runs" / run / f"{run}.safetensors"
+            if path is not None and not path.is_file():
+                continue
+            adapter = None if path is None else load_adapter(base, path)[0]
+            diagnostics[run or "base alone"] = denoising_accuracy(base, adapter, pairs, args.seed, args.eval_batch)
+        results["tasks"][task] = {"pairs": len(pairs), "rows": rows, "denoising_accuracy": diagnostics}
         grids[task] = grid_columns
     return results, grids
 
@@ -392,6 +437,16 @@ def markdown_tables(results: dict) -> str:
                            + (f" {r['masked_psnr']:.2f} |" if extra else "")
                            + f" {r['fd_patch']:.2f} | {r['kd_patch'] * 1000:.1f} | {r['nfe']} |"
                            f" {r['seconds_per_image'] * 1000:.1f} |")
+            out.append("")
+        diag = data.get("denoising_accuracy") or {}
+        if diag:
+            out.append(f"### {name}: one-step x0 accuracy by noise level (PSNR of x0 from z_t = alpha_t x + sigma_t eps; "
+                       "std of x0 from pure noise at t = 980)\n")
+            out.append("| model | " + " | ".join(f"t = {t}" for t in DIAGNOSTIC_T) + " | x0 std from noise, t = 980 |")
+            out.append("|---|" + "---|" * (len(DIAGNOSTIC_T) + 1))
+            for model, d in diag.items():
+                out.append(f"| {model} | " + " | ".join(f"{d[f'x0_psnr_t{t}']:.2f}" for t in DIAGNOSTIC_T)
+                           + f" | {d['x0_std_from_noise_980']:.3f} |")
             out.append("")
     return "\n".join(out)
 
