@@ -29,7 +29,9 @@ def test_demo_trains_reports_resumes_and_skips(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CODI_DEBUG_NAN_AT_STEP", "2")
     assert demo.main(argv) == 3
     assert not adapter.exists()
-    assert demo.latest_state(out).name == f"{demo.OUTPUT_NAME}-step00000001-state"
+    from trainer.state import latest_step_state
+
+    assert latest_step_state(out, demo.OUTPUT_NAME).name == f"{demo.OUTPUT_NAME}-step00000001-state"
     assert len(list((out / "data" / "train").glob("*.png"))) == 16
     assert len(list((out / "data" / "test").glob("*.png"))) == 2
     capsys.readouterr()

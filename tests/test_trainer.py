@@ -362,3 +362,17 @@ def test_quality_report_after_training(small_sd2v, tmp_path, sd1_tokenizer_dir, 
     assert metadata["codi.task"] == "sr"
     assert json.loads(metadata["codi.hint_preprocessing"]) == {"type": "sr", "scale": 4, "upsample": "bicubic",
                                                              "antialias": False}
+
+
+def test_latest_step_state_skips_incomplete_folders(tmp_path):
+    """A run killed while saving leaves an incomplete state folder: resuming picks the newest complete one."""
+    from trainer.state import STATE_FILES, latest_step_state
+
+    assert latest_step_state(tmp_path, "run") is None
+    for step, files in ((100, STATE_FILES), (200, STATE_FILES), (300, STATE_FILES[:2])):
+        folder = tmp_path / f"run-step{step:08d}-state"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("x")
+    (tmp_path / "other-step00000900-state").mkdir()
+    assert latest_step_state(tmp_path, "run").name == "run-step00000200-state"

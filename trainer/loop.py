@@ -619,13 +619,9 @@ def generate_samples(args, models, ema, schedule, prompts, step, resolution, dev
 
 def run_quality_report(args, models, ema, validation_dataset, text_cache, device) -> dict:
     """Score the EMA adapter on the validation pairs (``trainer/quality.py``) and write the report files."""
-    from trainer.quality import EvalPair, evaluate_adapter, write_report
+    from trainer.quality import evaluate_adapter, validation_pairs, write_report
 
-    pairs = []
-    for index in range(min(len(validation_dataset), args.quality_max_pairs)):
-        sample = validation_dataset.get(index)
-        pairs.append(EvalPair(target=(sample["pixel_values"] + 1) / 2, hint=sample["hint"], caption=sample["caption"],
-                              mask=sample.get("mask"), name=validation_dataset.items[index].image_path.stem))
+    pairs = validation_pairs(validation_dataset, args.quality_max_pairs)
     # with --cache_text_encoder_outputs the text encoders are freed by now: read the cached outputs instead
     encode_text = None if text_cache is None else (lambda prompts, device=None, size=None:
                                                    text_cache.get(prompts, device))

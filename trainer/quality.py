@@ -280,6 +280,18 @@ def _finite(obj):
 # ================================================================================================== baselines
 
 
+def validation_pairs(dataset, max_pairs: int | None = None) -> list[EvalPair]:
+    """The quality report's pairs from a validation ``ControlDataset`` (``trainer.data``): fixed crops and conditions
+    (its validation seed and the item index), targets in [0, 1]."""
+    count = len(dataset) if max_pairs is None else min(len(dataset), max_pairs)
+    pairs = []
+    for index in range(count):
+        sample = dataset.get(index)
+        pairs.append(EvalPair(target=(sample["pixel_values"] + 1) / 2, hint=sample["hint"], caption=sample["caption"],
+                              mask=sample.get("mask"), name=dataset.items[index].image_path.stem))
+    return pairs
+
+
 def mask_of(pair: EvalPair) -> torch.Tensor | None:
     """The pair's inpainting mask ``[1, H, W]`` (1 = inpaint): given, or ``hint < 0`` in any channel."""
     if pair.mask is not None:
@@ -604,19 +616,27 @@ def markdown_table(result: QualityResult) -> str:
     return "\n".join(lines)
 
 
-def grid_cell_size(result: QualityResult) -> tuple[int, int]:
-    """``(width, height)`` of one grid cell: the first pair's size, upscaled by the smallest integer factor that makes
+def _cell_size(image: torch.Tensor) -> tuple[int, int]:
+    """``(width, height)`` of a grid cell for images like ``image``: upscaled by the smallest integer factor that makes
     it at least :data:`GRID_MIN_CELL` wide."""
-    h, w = result.grid_images[0][0].shape[-2:]
+    h, w = image.shape[-2:]
     factor = max(1, math.ceil(GRID_MIN_CELL / w))
     return w * factor, h * factor
 
 
+def grid_cell_size(result: QualityResult) -> tuple[int, int]:
+    """``(width, height)`` of one cell of ``grid.png`` (from the first pair's size)."""
+    return _cell_size(result.grid_images[0][0])
+
+
+def _grid_size(cell: tuple[int, int], cols: int, rows: int, header_lines: int = 1) -> tuple[int, int]:
+    cw, ch = cell
+    return cols * cw + (cols - 1) * GRID_GAP, GRID_HEADER * header_lines + rows * ch + (rows - 1) * GRID_GAP
+
+
 def grid_size(result: QualityResult) -> tuple[int, int]:
     """``(width, height)`` of ``grid.png``."""
-    cw, ch = grid_cell_size(result)
-    cols, rows = len(result.grid_columns), len(result.grid_images)
-    return cols * cw + (cols - 1) * GRID_GAP, GRID_HEADER + rows * ch + (rows - 1) * GRID_GAP
+    return _grid_size(grid_cell_size(result), len(result.grid_columns), len(result.grid_images))
 
 
 def _to_pil(image: torch.Tensor, size):
@@ -627,26 +647,47 @@ def _to_pil(image: torch.Tensor, size):
     return pil if pil.size == tuple(size) else pil.resize(tuple(size), Image.NEAREST)
 
 
-def write_grid(result: QualityResult, path) -> Path:
+def _label_lines(draw, font, label: str, width: int, lines: int) -> list[str]:
+    """``label`` word-wrapped into at most ``lines`` lines of ``width`` pixels (the last one cut to fit)."""
+    out, words = [], label.split()
+    while words and len(out) < lines:
+        line = words.pop(0)
+        while words and len(out) < lines - 1 and draw.textlength(f"{line} {words[0]}", font=font) <= width:
+            line = f"{line} {words.pop(0)}"
+        if len(out) == lines - 1 and words:
+            line = " ".join([line, *words])
+            words = []
+        while len(line) > 1 and draw.textlength(line, font=font) > width:
+            line = line[:-1]
+        out.append(line)
+    return out
+
+
+def write_image_grid(labels: Sequence[str], rows: Sequence[Sequence[torch.Tensor]], path, header_lines: int = 1
+                     ) -> Path:
+    """A labelled grid PNG: ``rows[r][c]`` (``[3, H, W]`` in [0, 1], all of one size) under the column ``labels``,
+    cells upscaled (nearest) to at least :data:`GRID_MIN_CELL` wide; labels wrap over ``header_lines`` lines."""
     from PIL import Image, ImageDraw, ImageFont
 
-    cw, ch = grid_cell_size(result)
-    canvas = Image.new("RGB", grid_size(result), (255, 255, 255))
+    cw, ch = cell = _cell_size(rows[0][0])
+    canvas = Image.new("RGB", _grid_size(cell, len(labels), len(rows), header_lines), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    for c, label in enumerate(result.grid_columns):
-        x = c * (cw + GRID_GAP)
-        text = label
-        while len(text) > 1 and draw.textlength(text, font=font) > cw - 4:
-            text = text[:-1]
-        draw.text((x + 2, 2), text, fill=(0, 0, 0), font=font)
-    for r, row in enumerate(result.grid_images):
-        y = GRID_HEADER + r * (ch + GRID_GAP)
+    for c, label in enumerate(labels):
+        for k, line in enumerate(_label_lines(draw, font, label, cw - 4, header_lines)):
+            draw.text((c * (cw + GRID_GAP) + 2, 2 + k * GRID_HEADER), line, fill=(0, 0, 0), font=font)
+    for r, row in enumerate(rows):
+        y = GRID_HEADER * header_lines + r * (ch + GRID_GAP)
         for c, image in enumerate(row):
             canvas.paste(_to_pil(image, (cw, ch)), (c * (cw + GRID_GAP), y))
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def write_grid(result: QualityResult, path) -> Path:
+    return write_image_grid(result.grid_columns, result.grid_images, path)
 
 
 def write_plot(result: QualityResult, path) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -45,6 +46,18 @@ def save_training_state(folder: Path, trainable: dict[str, torch.Tensor], ema, o
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def latest_step_state(output_dir, output_name: str) -> Path | None:
+    """The newest complete ``<output_name>-stepNNNNNNNN-state`` folder that ``--save_every_n_steps`` + ``--save_state``
+    wrote in ``output_dir`` (a run killed while saving leaves an incomplete one, skipped), or None."""
+    pattern = re.compile(re.escape(output_name) + r"-step(\d+)-state")
+    found = []
+    for path in Path(output_dir).glob(f"{output_name}-step*-state"):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and all((path / f).is_file() for f in STATE_FILES):
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
 
 
 def read_progress(folder: Path) -> dict:

@@ -35,7 +35,6 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -49,7 +48,6 @@ OUTPUT_NAME = "codi_sr4x_demo"
 SR_SCALE = 4
 RESOLUTION = 64
 REPORT_STEPS = (1, 2, 4)
-STATE_RE = re.compile(re.escape(OUTPUT_NAME) + r"-step(\d{8})-state")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,18 +96,6 @@ def save_argv(every: int) -> list[str]:
     return ["--save_every_n_steps", str(every), "--save_state", "--save_last_n_steps", str(every)]
 
 
-def latest_state(out: Path) -> Path | None:
-    """The newest complete ``<name>-stepNNNNNNNN-state`` folder the trainer wrote (None: start from scratch)."""
-    from trainer.state import STATE_FILES
-
-    found = []
-    for path in out.glob(f"{OUTPUT_NAME}-step*-state"):
-        match = STATE_RE.fullmatch(path.name)
-        if match and path.is_dir() and all((path / f).is_file() for f in STATE_FILES):
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
-
-
 def remove_step_saves(out: Path) -> None:
     """The intermediate ``-stepNNNNNNNN`` adapters and states are resume points only (and ``-last-good`` is what a
     run stopped by a non-finite loss left behind): drop them once training has ended."""
@@ -145,6 +131,8 @@ def make_data(args, out: Path) -> tuple[Path, Path]:
 def eval_pairs(argv: list[str]) -> list:
     """The trainer's validation pairs for ``argv`` (the same targets and hints its ``--quality_report`` scores), each
     with the degraded low-res image its hint was upsampled from (drawn again from the same generator, and checked)."""
+    import dataclasses
+
     import numpy as np
     import torch
 
@@ -152,23 +140,18 @@ def eval_pairs(argv: list[str]) -> list:
     from trainer.conditions import image_to_tensor
     from trainer.config import parse_args as trainer_args
     from trainer.data import build_datasets
-    from trainer.quality import EvalPair
+    from trainer.quality import validation_pairs
 
-    targs = trainer_args(argv)
-    _train, validation = build_datasets(targs, (RESOLUTION, RESOLUTION))
+    _train, validation = build_datasets(trainer_args(argv), (RESOLUTION, RESOLUTION))
     pairs = []
-    for index in range(len(validation)):
-        sample = validation.get(index)
-        target = (sample["pixel_values"] + 1) / 2
-        pixels = (target.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    for index, pair in enumerate(validation_pairs(validation)):
+        pixels = (pair.target.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         builder = validation.builder(validation.items[index])
-        low = builder.degrade_to_low_res(pixels, validation.condition_rng(index, 0))
-        low_res = image_to_tensor(low)
-        if not torch.allclose(hints.sr_hint(low_res, SR_SCALE)[0], sample["hint"], atol=1e-5):
+        low_res = image_to_tensor(builder.degrade_to_low_res(pixels, validation.condition_rng(index, 0)))
+        if not torch.allclose(hints.sr_hint(low_res, SR_SCALE)[0], pair.hint, atol=1e-5):
             raise RuntimeError(f"demo: the low-res image of {validation.items[index].image_path.name} does not "
                                "reproduce the trainer's hint")
-        pairs.append(EvalPair(target=target, hint=sample["hint"], caption=sample["caption"], low_res=low_res[0],
-                              name=validation.items[index].image_path.stem))
+        pairs.append(dataclasses.replace(pair, low_res=low_res[0]))
     return pairs
 
 
@@ -237,7 +220,9 @@ def main(argv=None) -> int:
     else:
         from trainer.loop import main as train_main
 
-        state = latest_state(args.out)
+        from trainer.state import latest_step_state
+
+        state = latest_step_state(args.out, OUTPUT_NAME)
         argv = [*argv_train, *save_argv(args.save_every)]
         if state is not None:
             resumed = state.name

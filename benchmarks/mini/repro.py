@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -109,15 +108,6 @@ def prepare_data(args) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def _latest_state(run_dir: Path, name: str) -> Path | None:
-    """The newest complete ``<name>-stepNNNNNNNN-state`` folder (a kill during a save leaves an incomplete one)."""
-    from trainer.state import STATE_FILES
-
-    states = [p for p in sorted(run_dir.glob(f"{name}-step*-state"))
-              if all((p / f).is_file() for f in STATE_FILES)]
-    return states[-1] if states else None
-
-
 def train_run(run: dict, args, data: dict[str, Path]) -> dict:
     """Train one run (or resume it, or skip it when done.json exists); returns its done.json."""
     run_dir = args.work / "runs" / run["name"]
@@ -137,7 +127,9 @@ def train_run(run: dict, args, data: dict[str, Path]) -> dict:
             "--learning_rate", str(args.learning_rate), "--seed", str(args.seed),
             "--save_every_n_steps", str(args.save_every), "--save_state", "--save_last_n_steps", str(args.save_every),
             "--output_dir", str(run_dir), "--output_name", run["name"]]
-    state = _latest_state(run_dir, run["name"])
+    from trainer.state import latest_step_state
+
+    state = latest_step_state(run_dir, run["name"])
     if state is not None:
         argv += ["--resume", str(state)]
         print(f"repro: {run['name']}: resuming from {state.name}", flush=True)
@@ -209,18 +201,12 @@ def evaluation_pairs(task: str, test_dir: Path, seed: int):
     validation dataset (fixed per crop, identical for every method)."""
     from trainer.config import parse_args as trainer_args
     from trainer.data import build_datasets
-    from trainer.quality import EvalPair
+    from trainer.quality import validation_pairs
 
     targs = trainer_args(["--pretrained_model_name_or_path", str(BASE), "--train_data_dir", str(test_dir),
                           "--validation_data_dir", str(test_dir), *TASK_FLAGS[task], "--resolution", "64",
                           "--seed", str(seed)])
-    _, validation = build_datasets(targs, (64, 64))
-    pairs = []
-    for index in range(len(validation)):
-        item = validation.get(index)
-        pairs.append(EvalPair(target=(item["pixel_values"] + 1) / 2, hint=item["hint"], mask=item.get("mask"),
-                              name=validation.items[index].image_path.stem))
-    return pairs
+    return validation_pairs(build_datasets(targs, (64, 64))[1])
 
 
 def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[list, float, int]:
@@ -332,12 +318,28 @@ def evaluate(args, data) -> dict:
     sys.path.insert(0, str(HERE))
     import features
     from trainer.checkpoints import load_base_model
+    from trainer.quality import machine_info
     from trainer.quality_report import load_adapter
 
     torch.set_num_threads(args.eval_threads)
     feature_net = features.load_feature_net(HERE / "featnet" / "feature_net.safetensors")
-    results = {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}, "tasks": {}}
+    results = {"machine": machine_info("cpu"), "settings": {k: str(v) for k, v in vars(args).items()}, "tasks": {}}
     grids = {}
+    loaded: dict = {}
+
+    def models_of(run: str | None):
+        """``(base, adapter)`` of a run, loaded once (each run its own base: a UNet LoRA is injected into it);
+        None when the run is not trained."""
+        if run not in loaded:
+            path = None if run is None else args.work / "runs" / run / f"{run}.safetensors"
+            if path is not None and not path.is_file():
+                print(f"repro: skipping {run}: {path} not trained", flush=True)
+                loaded[run] = None
+            else:
+                base = load_base_model(BASE)
+                loaded[run] = (base, None if path is None else load_adapter(base, path)[0])
+        return loaded[run]
+
     for task in args.tasks.split(","):
         pairs = evaluation_pairs(task, data["test"], args.seed)
         rows = []
@@ -347,15 +349,10 @@ def evaluate(args, data) -> dict:
         grid_columns = {"condition": [condition_image(p, task) for p in pairs[:GRID_ROWS]],
                         rows[0]["method"]: base_imgs[:GRID_ROWS]}
         for plan in sampling_plans(task):
-            base = load_base_model(BASE)  # fresh: a UNet LoRA is injected into it
-            adapter = None
-            if plan["run"] is not None:
-                path = args.work / "runs" / plan["run"] / f"{plan['run']}.safetensors"
-                if not path.is_file():
-                    print(f"repro: skipping {plan['method']} {plan['steps']}: {path} not trained", flush=True)
-                    continue
-                adapter, _, _ = load_adapter(base, path)
-            images, spi, nfe = generate(base, adapter, pairs, plan, args.seed, args.eval_batch)
+            models = models_of(plan["run"])
+            if models is None:
+                continue
+            images, spi, nfe = generate(*models, pairs, plan, args.seed, args.eval_batch)
             row = {"method": plan["method"], "run": plan["run"], "steps": plan["steps"], "sampler": plan["mode"],
                    "table": plan.get("table", "main"), "nfe": nfe, "seconds_per_image": spi,
                    **score(images, pairs, task, feature_net)}
@@ -369,14 +366,12 @@ def evaluate(args, data) -> dict:
         grid_columns["ground truth"] = [p.target.float() for p in pairs[:GRID_ROWS]]
         diagnostics = {}
         for run in [None, *dict.fromkeys(p["run"] for p in sampling_plans(task) if p["run"])]:
-            base = load_base_model(BASE)
-            path = None if run is None else args.work / "runs" / run / f"{run}.safetensors"
-            if path is not None and not path.is_file():
-                continue
-            adapter = None if path is None else load_adapter(base, path)[0]
-            # a diagnostic, not a table row: the first 64 crops suffice and keep the evaluation inside the time budget
-            diagnostics[run or "base alone"] = denoising_accuracy(base, adapter, pairs[:DIAGNOSTIC_CROPS], args.seed,
-                                                                  args.eval_batch)
+            models = models_of(run)
+            if models is not None:
+                # a diagnostic, not a table row: the first 64 crops suffice and keep the evaluation inside the time
+                # budget
+                diagnostics[run or "base alone"] = denoising_accuracy(*models, pairs[:DIAGNOSTIC_CROPS], args.seed,
+                                                                      args.eval_batch)
         results["tasks"][task] = {"pairs": len(pairs), "rows": rows, "denoising_accuracy": diagnostics}
         grids[task] = grid_columns
     return results, grids
@@ -391,30 +386,6 @@ def condition_image(pair, task: str):
     """What the grid's first column shows: the hint (SR: the degraded low-res upsampled; inpaint: grey holes)."""
     hint = pair.hint.float()
     return hint.clamp(0, 1) if task != "inpaint" else hint.where(hint >= 0, 0.5)
-
-
-def write_grid(columns: dict, path: Path, scale: int = 2) -> Path:
-    from PIL import Image, ImageDraw
-
-    names = list(columns)
-    rows = len(next(iter(columns.values())))
-    cell, label_h = 64 * scale, 28
-    sheet = Image.new("RGB", (cell * len(names), label_h + cell * rows), "white")
-    draw = ImageDraw.Draw(sheet)
-    for c, name in enumerate(names):
-        words, lines = name.replace("(", "").replace(")", "").split(), ["", ""]
-        for word in words:  # two short lines under a narrow column
-            k = 0 if len(lines[0]) + len(word) < 18 else 1
-            lines[k] = (lines[k] + " " + word).strip()
-        draw.text((c * cell + 3, 2), lines[0], fill="black")
-        draw.text((c * cell + 3, 14), lines[1], fill="black")
-        for r, image in enumerate(columns[name]):
-            array = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
-            tile = Image.fromarray(array).resize((cell, cell), Image.NEAREST)
-            sheet.paste(tile, (c * cell, label_h + r * cell))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
 
 
 def markdown_tables(results: dict) -> str:
@@ -454,15 +425,6 @@ def markdown_tables(results: dict) -> str:
     return "\n".join(out)
 
 
-def machine() -> dict:
-    import torch
-
-    from trainer.quality import _cpu_name
-
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -484,8 +446,11 @@ def main(argv=None) -> int:
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / "mini_repro_metrics.json").write_text(json.dumps(results, indent=1))
         (args.results / "mini_repro_tables.md").write_text(markdown_tables(results))
+        from trainer.quality import write_image_grid
+
         for task, columns in grids.items():
-            write_grid(columns, args.results / f"mini_repro_{task}.png")
+            rows = [list(images) for images in zip(*columns.values())]
+            write_image_grid(list(columns), rows, args.results / f"mini_repro_{task}.png", header_lines=2)
         print(f"repro: wrote {args.results / 'mini_repro_metrics.json'} and the grids "
               f"({time.time() - start:.0f} s)", flush=True)
     return 0
