@@ -48,6 +48,7 @@ def test_repro_trains_resumes_and_evaluates(tmp_path):
     assert repro.main([*args, "--phase", "train", "--only", "sr_controlnet"]) == 0
     record = json.loads((run_dir / "done.json").read_text())
     assert record["resumed"] and "--resume" in record["command"]
+    assert record["steps_this_call"] == 1 and record["seconds_per_step"] > 0  # timed over the resumed part only
     assert "resumed from" in (run_dir / "train.log").read_text()
 
     assert repro.main([*args, "--phase", "eval"]) == 0
@@ -71,3 +72,23 @@ def test_repro_trains_resumes_and_evaluates(tmp_path):
     assert "| 50 | ControlNet (DDIM) |" in tables and "supplementary: img2img" in tables
     with pytest.raises(SystemExit, match="needs"):
         repro.main([*args, "--phase", "train", "--only", "sr_two_stage", "--work", str(tmp_path / "empty")])
+
+
+def test_colour_probe_splits_the_error_and_finds_where_the_colour_comes_from():
+    import torch
+
+    import colour_probe
+
+    g = torch.Generator().manual_seed(0)
+    targets = torch.rand((16, 3, 8, 8), generator=g)
+    noises = torch.randn((16, 3, 8, 8), generator=g)
+    # outputs = the target's structure with the *noise's* mean colour: all of the colour error, none of the rest
+    offset = noises.mean(dim=(2, 3), keepdim=True) - targets.mean(dim=(2, 3), keepdim=True)
+    stats = colour_probe.colour_statistics(targets + offset, targets, noises)
+    assert stats["rest_mse"] == pytest.approx(0, abs=1e-6) and stats["colour_share"] == pytest.approx(1, abs=1e-5)
+    assert stats["corr_with_noise_mean"] == pytest.approx(1, abs=1e-5)
+    # the target itself: no error, its colour is the target's, unrelated to this noise
+    exact = colour_probe.colour_statistics(targets.clone() + 0.1, targets, noises)
+    assert exact["corr_with_target_mean"] == pytest.approx(1, abs=1e-5)
+    assert exact["colour_share"] == pytest.approx(1, abs=1e-5) and exact["mse"] == pytest.approx(0.01, rel=1e-4)
+    assert abs(exact["corr_with_noise_mean"]) < 0.6

@@ -142,9 +142,14 @@ def train_run(run: dict, args, data: dict[str, Path]) -> dict:
     if code != 0:
         raise SystemExit(f"repro: {run['name']} failed (exit {code}); see {run_dir / 'train.log'}")
     text = (run_dir / "train.log").read_text()
-    trained = [float(m) for m in re.findall(r"codi: done: \d+ steps \(\d+ this run\) in ([0-9.]+) s", text)]
+    # the trainer's own timing of its last (uninterrupted) call: with the step count it gives seconds per step even
+    # when earlier calls were interrupted
+    done_lines = re.findall(r"codi: done: \d+ steps \((\d+) this run\) in ([0-9.]+) s", text)
+    steps_last, seconds_last = (int(done_lines[-1][0]), float(done_lines[-1][1])) if done_lines else (0, 0.0)
     record = {"name": run["name"], "task": run["task"], "flags": flags, "steps": args.steps,
-              "batch_size": args.batch_size, "seconds_this_call": seconds, "training_seconds": sum(trained),
+              "batch_size": args.batch_size, "seconds_this_call": seconds, "training_seconds": seconds_last,
+              "steps_this_call": steps_last,
+              "seconds_per_step": seconds_last / steps_last if steps_last else None,
               "resumed": state is not None, "command": " ".join(argv[1:])}
     done.write_text(json.dumps(record, indent=1))
     return record
@@ -436,10 +441,11 @@ def main(argv=None) -> int:
         wanted = set(args.only.split(",")) if args.only else None
         train_all([r for r in run_table(tasks) if wanted is None or r["name"] in wanted], args, data)
     if args.phase in ("all", "eval"):
+        eval_start = time.time()
         results, grids = evaluate(args, data)
         results["runs"] = {p.parent.name: json.loads(p.read_text())
                            for p in sorted((args.work / "runs").glob("*/done.json"))}
-        results["eval_seconds"] = time.time() - start
+        results["eval_seconds"] = time.time() - eval_start
         out = args.work / "eval" / "metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
