@@ -87,7 +87,7 @@ def test_colour_probe_splits_the_error_and_finds_where_the_colour_comes_from():
     stats = colour_probe.colour_statistics(targets + offset, targets, noises)
     assert stats["rest_mse"] == pytest.approx(0, abs=1e-6) and stats["colour_share"] == pytest.approx(1, abs=1e-5)
     assert stats["corr_with_noise_mean"] == pytest.approx(1, abs=1e-5)
-    # the target itself: no error, its colour is the target's, unrelated to this noise
+    # the target shifted by 0.1: all of the error (0.1^2) is colour, and the colour follows the target's, not the noise's
     exact = colour_probe.colour_statistics(targets.clone() + 0.1, targets, noises)
     assert exact["corr_with_target_mean"] == pytest.approx(1, abs=1e-5)
     assert exact["colour_share"] == pytest.approx(1, abs=1e-5) and exact["mse"] == pytest.approx(0.01, rel=1e-4)

@@ -68,29 +68,20 @@ def main(argv=None) -> int:
 
     import torch
 
-    from trainer.checkpoints import load_base_model
-    from trainer.quality_report import load_adapter
-
     test_dir = args.work / "data" / "test"
     if not test_dir.is_dir():
         raise SystemExit(f"colour_probe: {test_dir} is missing: run benchmarks/mini/repro.py first")
     pairs = repro.evaluation_pairs("sr", test_dir, args.seed)[:args.crops]
     targets = torch.stack([p.target.float() for p in pairs])
-    # the evaluation's starting noise of crop i (repro.generate): seed + i
-    noises = torch.stack([torch.randn((3, 64, 64), generator=torch.Generator().manual_seed(args.seed + i))
-                          for i in range(len(pairs))])
+    noises = repro.starting_noise(args.seed, range(len(pairs)))  # what repro.generate starts each crop from
     results = {"crops": len(pairs), "steps": args.steps, "models": {}}
     bicubic = torch.stack(repro.baseline_images(pairs, "sr"))
     results["models"]["bicubic"] = colour_statistics(bicubic, targets, noises)
     for label, run, mode, boundary in MODELS:
-        base = load_base_model(repro.BASE)
-        adapter = None
-        if run is not None:
-            path = args.work / "runs" / run / f"{run}.safetensors"
-            if not path.is_file():
-                print(f"colour_probe: skipping {run}: {path} not trained")
-                continue
-            adapter = load_adapter(base, path)[0]
+        models = repro.load_run(args.work, run)
+        if models is None:
+            continue
+        base, adapter = models
         plan = {"steps": args.steps, "mode": mode, "boundary": boundary}
         images, _, _ = repro.generate(base, adapter, pairs, plan, args.seed, 64)
         results["models"][label] = colour_statistics(torch.stack(images), targets, noises)

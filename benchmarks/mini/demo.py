@@ -49,6 +49,12 @@ OUTPUT_NAME = "codi_sr4x_demo"
 SR_SCALE = 4
 RESOLUTION = 64
 REPORT_STEPS = (1, 2, 4)
+# What the numbers mean, in the report and on the console: at this scale the adapter loses to bicubic, and why.
+EXPECTATION = ("At this miniature scale CoDi does not reach bicubic PSNR: the base (and every adapter trained from it "
+               "for a few hundred steps) takes each output's mean colour from the starting noise, not from the "
+               "low-res input, as the benchmark measured for every method, ControlNet included "
+               "(benchmarks/results/mini_repro.md). The demo shows the whole pipeline at work on a CPU; it does not "
+               "show what an adapter distilled from a Stable Diffusion checkpoint looks like.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -186,14 +192,6 @@ def write_demo_report(args, argv: list[str], adapter_path: Path, info: dict) -> 
     paths = write_report(result, args.out, title="CoDi demo: 4x super-resolution on the miniature base",
                          extra_lines=lines)
     return paths, result
-
-
-# What the numbers mean, in the report and on the console: at this scale the adapter loses to bicubic, and why.
-EXPECTATION = ("At this miniature scale CoDi does not reach bicubic PSNR: the base (and every adapter trained from it "
-               "for a few hundred steps) takes each output's mean colour from the starting noise, not from the "
-               "low-res input, as the benchmark measured for every method, ControlNet included "
-               "(benchmarks/results/mini_repro.md). The demo shows the whole pipeline at work on a CPU; it does not "
-               "show what an adapter distilled from a Stable Diffusion checkpoint looks like.")
 
 
 def main(argv=None) -> int:

@@ -214,6 +214,28 @@ def evaluation_pairs(task: str, test_dir: Path, seed: int):
     return validation_pairs(build_datasets(targs, (64, 64))[1])
 
 
+def starting_noise(seed: int, indices):
+    """The starting noise of the crops ``indices``: seeded by ``seed + index``, so a crop starts from the same noise
+    under every method and step count."""
+    import torch
+
+    return torch.stack([torch.randn((3, 64, 64), generator=torch.Generator().manual_seed(seed + i)) for i in indices])
+
+
+def load_run(work: Path, run: str | None):
+    """``(base, adapter)`` of a trained run (``run`` None: the base alone, adapter None), on a fresh base (a UNet LoRA
+    is injected into it); None when the run has no adapter yet."""
+    from trainer.checkpoints import load_base_model
+    from trainer.quality_report import load_adapter
+
+    path = None if run is None else work / "runs" / run / f"{run}.safetensors"
+    if path is not None and not path.is_file():
+        print(f"repro: skipping {run}: {path} not trained", flush=True)
+        return None
+    base = load_base_model(BASE)
+    return base, None if path is None else load_adapter(base, path)[0]
+
+
 def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[list, float, int]:
     """Sample every pair with one plan; returns (images in [0, 1], seconds per image, NFE per image)."""
     import torch
@@ -236,9 +258,7 @@ def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[l
         hint = torch.stack([pairs[i].hint for i in group]).float()
         text = base.encode_text([""] * len(group))
         cond = text_conditioning(text, hint)
-        # the same starting noise for a crop under every method and step count
-        noise = torch.stack([torch.randn((3, 64, 64), generator=torch.Generator().manual_seed(seed + i))
-                             for i in group])
+        noise = starting_noise(seed, group)
         generator = torch.Generator().manual_seed(seed + 7919 * (start + 1))
         tic = time.perf_counter()
         with torch.no_grad():
@@ -322,9 +342,7 @@ def evaluate(args, data) -> dict:
 
     sys.path.insert(0, str(HERE))
     import features
-    from trainer.checkpoints import load_base_model
     from trainer.quality import machine_info
-    from trainer.quality_report import load_adapter
 
     torch.set_num_threads(args.eval_threads)
     feature_net = features.load_feature_net(HERE / "featnet" / "feature_net.safetensors")
@@ -333,16 +351,9 @@ def evaluate(args, data) -> dict:
     loaded: dict = {}
 
     def models_of(run: str | None):
-        """``(base, adapter)`` of a run, loaded once (each run its own base: a UNet LoRA is injected into it);
-        None when the run is not trained."""
+        """``load_run``, once per run."""
         if run not in loaded:
-            path = None if run is None else args.work / "runs" / run / f"{run}.safetensors"
-            if path is not None and not path.is_file():
-                print(f"repro: skipping {run}: {path} not trained", flush=True)
-                loaded[run] = None
-            else:
-                base = load_base_model(BASE)
-                loaded[run] = (base, None if path is None else load_adapter(base, path)[0])
+            loaded[run] = load_run(args.work, run)
         return loaded[run]
 
     for task in args.tasks.split(","):
