@@ -3,6 +3,13 @@
 A latent ``x`` is noised as ``z_t = alpha_t * x + sigma_t * eps`` with ``alpha_t = sqrt(abar_t)`` and
 ``sigma_t = sqrt(1 - abar_t)``. Stable Diffusion's DDPM schedule has 1000 steps and "scaled_linear" betas,
 ``beta_i = linspace(sqrt(0.00085), sqrt(0.012), 1000)_i ** 2`` and ``abar_t = prod_{i<=t} (1 - beta_i)``.
+
+Zero terminal SNR (Lin et al., "Common Diffusion Noise Schedules and Sample Steps Are Flawed", 2024): SD's schedule
+ends at ``alpha_999 = 0.068``, so the last training step still shows the model some signal and a sampler that starts
+from pure noise at ``t = 999`` asks it something it never saw. The rescaled schedule shifts and scales
+``sqrt(abar_t)`` so that it keeps its first value and ends at exactly 0:
+``sqrt(abar_t) <- (sqrt(abar_t) - sqrt(abar_T)) * sqrt(abar_0) / (sqrt(abar_0) - sqrt(abar_T))``. At ``t = T - 1``
+then ``alpha = 0``, ``sigma = 1``: only v- (or x-) prediction models can be trained on it.
 """
 
 from __future__ import annotations
@@ -39,6 +46,13 @@ def betas_for_schedule(
     raise ValueError(f"unknown beta schedule {schedule!r}; expected 'scaled_linear' or 'linear'")
 
 
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``abar_t`` rescaled so that ``sqrt(abar)`` keeps its first value and ends at exactly 0 (float64)."""
+    root = alphas_cumprod.to(torch.float64).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    return ((root - last) * first / (first - last)) ** 2
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """``abar_t`` for integer timesteps ``0 .. T-1`` and the ``(alpha_t, sigma_t)`` derived from it.
@@ -51,6 +65,25 @@ class NoiseSchedule:
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> "NoiseSchedule":
         return cls(torch.cumprod(1.0 - betas.to(torch.float64), dim=0))
+
+    @classmethod
+    def from_config(cls, config: dict | None = None) -> "NoiseSchedule":
+        """The schedule of a diffusers-style scheduler config (``beta_schedule``, ``num_train_timesteps``,
+        ``beta_start``, ``beta_end``, ``rescale_betas_zero_snr``); missing keys take Stable Diffusion's values."""
+        config = config or {}
+        betas = betas_for_schedule(config.get("beta_schedule", "scaled_linear"),
+                                   int(config.get("num_train_timesteps", SD_NUM_TRAIN_TIMESTEPS)),
+                                   float(config.get("beta_start", SD_BETA_START)),
+                                   float(config.get("beta_end", SD_BETA_END)))
+        schedule = cls.from_betas(betas)
+        if config.get("rescale_betas_zero_snr"):
+            schedule = cls(rescale_zero_terminal_snr(schedule.alphas_cumprod))
+        return schedule
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether the last timestep carries no signal at all (``alpha_{T-1} = 0``)."""
+        return bool(self.alphas_cumprod[-1] == 0)
 
     @classmethod
     def stable_diffusion(cls) -> "NoiseSchedule":

@@ -30,6 +30,21 @@ def test_schedule_equals_diffusers_ddpm():
     assert SCHEDULE.num_train_timesteps == 1000
 
 
+def test_zero_terminal_snr_schedule_equals_diffusers():
+    """Lin et al.'s rescaled betas: the same abar as diffusers' ``rescale_betas_zero_snr``, alpha exactly 0 at the
+    last step, the first step unchanged, and SD's schedule untouched without the flag."""
+    from diffusers import DDPMScheduler
+
+    zsnr = cs.NoiseSchedule.from_config({**sd_scheduler_kwargs(), "rescale_betas_zero_snr": True})
+    reference = DDPMScheduler(**sd_scheduler_kwargs(), rescale_betas_zero_snr=True).alphas_cumprod.double()
+    assert torch.allclose(zsnr.alphas_cumprod, reference, rtol=1e-5, atol=1e-9)
+    alpha, sigma = zsnr.alpha_sigma(999)
+    assert float(alpha) == 0.0 and float(sigma) == 1.0 and zsnr.zero_terminal_snr
+    assert torch.isclose(zsnr.alphas_cumprod[0], SCHEDULE.alphas_cumprod[0], rtol=1e-12)
+    assert not SCHEDULE.zero_terminal_snr
+    assert torch.equal(cs.NoiseSchedule.from_config(sd_scheduler_kwargs()).alphas_cumprod, SCHEDULE.alphas_cumprod)
+
+
 def test_alpha_sigma_unit_norm_and_broadcast():
     t = torch.arange(1000)
     alpha, sigma = SCHEDULE.alpha_sigma(t)

@@ -44,7 +44,7 @@ def test_bundle_files_and_split(bundle):
     assert manifest["format"] == "codi-base-bundle" and manifest["version"] == 1
     assert manifest["vae"] is None and manifest["text_encoder"] is None
     assert manifest["scheduler"] == {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                                     "beta_schedule": "scaled_linear"}
+                                     "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": False}
     split = json.loads((bundle / "split.json").read_text())
     assert split["train"] and split["test"] and not set(split["train"]) & set(split["test"])
     # the stereo pair is one group: both views on the same side of the split
@@ -54,6 +54,29 @@ def test_bundle_files_and_split(bundle):
     weights = bundle / "unet" / "diffusion_pytorch_model.safetensors"
     assert weights.stat().st_size < 20e6 and log["weights_bytes"] == weights.stat().st_size
     assert Image.open(bundle / "samples.png").size[0] > 64
+
+
+def test_fine_tune_to_v_prediction_zero_terminal_snr_and_unit_variance(bundle, tmp_path):
+    """``--init_from`` continues from a bundle's UNet; the new bundle records v-prediction, the rescaled schedule and
+    the data scale, and the trainer's base model and schedule follow them (alpha = 0 at t = 999)."""
+    import ccd_sampler as cs
+    from trainer.checkpoints import load_base_model
+
+    out = tmp_path / "v_zsnr"
+    pretrain_base.main(["--steps", "1", "--out", str(out), "--init_from", str(bundle), "--prediction_type",
+                        "v_prediction", "--zero_terminal_snr", "--data_scale", "2.0", *TINY])
+    base = load_base_model(out)
+    assert base.prediction_type == "v_prediction" and base.vae_scaling_factor == 2.0
+    assert base.scheduler["rescale_betas_zero_snr"] is True
+    schedule = cs.NoiseSchedule.from_config(base.scheduler)
+    assert schedule.zero_terminal_snr and float(schedule.alpha_sigma(999)[0]) == 0.0
+    # decoding a pixel-space bundle undoes the data scale
+    assert torch.equal(base.decode_latents(torch.full((1, 3, 8, 8), 2.0)), torch.ones(1, 3, 8, 8))
+    log = json.loads((out / "pretrain_log.json").read_text())
+    assert (log["prediction_type"], log["zero_terminal_snr"], log["data_scale"], log["init_from"]) == \
+        ("v_prediction", True, 2.0, "base")
+    with pytest.raises(SystemExit):  # epsilon cannot predict anything at alpha = 0
+        pretrain_base.main(["--steps", "1", "--out", str(tmp_path / "bad"), "--zero_terminal_snr", *TINY])
 
 
 def test_load_base_model_reads_the_bundle(bundle):

@@ -63,8 +63,12 @@ class BundleBaseModel(BaseModel):
 
 def write_bundle(folder, unet, *, architecture: str = "mini-pixel", modelspec_architecture: str = "codi-mini-pixel-v1",
                  prediction_type: str = "epsilon", resolution: int = 64, scheduler: dict | None = None,
-                 vae=None, text_encoder=None, tokenizer=None, extra: dict | None = None) -> Path:
-    """Save ``unet`` (and an optional VAE / text encoder + tokenizer) as a base bundle in ``folder``."""
+                 vae=None, text_encoder=None, tokenizer=None, vae_scaling_factor: float | None = None,
+                 extra: dict | None = None) -> Path:
+    """Save ``unet`` (and an optional VAE / text encoder + tokenizer) as a base bundle in ``folder``.
+
+    ``vae_scaling_factor``: latents = VAE latents (or, without a VAE, pixels in [-1, 1]) times this; default the
+    VAE's own factor, 1.0 for a pixel-space bundle."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(folder / "unet", safe_serialization=True)
@@ -81,7 +85,8 @@ def write_bundle(folder, unet, *, architecture: str = "mini-pixel", modelspec_ar
                 "vae": "vae" if vae is not None else None,
                 "text_encoder": "text_encoder" if text_encoder is not None else None,
                 "tokenizer": "tokenizer" if text_encoder is not None else None,
-                "vae_scaling_factor": float(vae.config.scaling_factor) if vae is not None else 1.0,
+                "vae_scaling_factor": float(vae_scaling_factor if vae_scaling_factor is not None
+                                            else vae.config.scaling_factor if vae is not None else 1.0),
                 "cross_attention_tokens": 1, **(extra or {})}
     (folder / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return folder

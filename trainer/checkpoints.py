@@ -45,7 +45,7 @@ SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                     "beta_schedule": "scaled_linear"}
+                     "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": False}
 VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 TOKEN_LENGTH = 77  # CLIP context length used by every SD text encoder
 BOS_TOKEN_ID, EOS_TOKEN_ID = 49406, 49407

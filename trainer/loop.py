@@ -280,9 +280,7 @@ def train(args) -> dict:
     models = build_models(args, device, weight_dtype)
     base = models.base
     resolution = args.resolution or (base.default_resolution, base.default_resolution)
-    schedule = cs.NoiseSchedule.from_betas(cs.betas_for_schedule(
-        base.scheduler.get("beta_schedule", "scaled_linear"), base.scheduler.get("num_train_timesteps", 1000),
-        base.scheduler.get("beta_start", 0.00085), base.scheduler.get("beta_end", 0.012)))
+    schedule = cs.NoiseSchedule.from_config(base.scheduler)
     trainable = models.trainable
     ema = cs.EMA(trainable, decay=args.ema_decay).to(device)
     tie_target_to_ema(models, ema)

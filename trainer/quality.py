@@ -381,10 +381,7 @@ def reference_timesteps(steps: int, grid: int) -> list[int]:
 
 
 def _schedule_of(base) -> cs.NoiseSchedule:
-    sched = getattr(base, "scheduler", None) or {}
-    return cs.NoiseSchedule.from_betas(cs.betas_for_schedule(
-        sched.get("beta_schedule", "scaled_linear"), sched.get("num_train_timesteps", 1000),
-        sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012)))
+    return cs.NoiseSchedule.from_config(getattr(base, "scheduler", None))
 
 
 def _groups(pairs: Sequence[EvalPair], batch_size: int) -> list[list[int]]:

@@ -49,9 +49,12 @@ def colour_statistics(images, targets, noises) -> dict:
         a, b = a - a.mean(0), b - b.mean(0)  # centre each channel over the images
         return float((a * b).sum() / (a.norm() * b.norm()))
 
+    channels = range(out_mean.shape[1])
     return {"mse": float(mse), "mean_colour_mse": float(colour), "rest_mse": float(mse - colour),
             "colour_share": float(colour / mse), "corr_with_noise_mean": corr(out_mean, noise_mean),
             "corr_with_target_mean": corr(out_mean, tgt_mean),
+            "corr_with_noise_mean_per_channel": [corr(out_mean[:, c], noise_mean[:, c]) for c in channels],
+            "corr_with_target_mean_per_channel": [corr(out_mean[:, c], tgt_mean[:, c]) for c in channels],
             "output_mean_colour_std": float(out_mean.std(0).mean()),
             "target_mean_colour_std": float(tgt_mean.std(0).mean()), "psnr": float(-10 * torch.log10(mse))}
 

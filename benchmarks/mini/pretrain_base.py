@@ -44,7 +44,7 @@ import ccd_sampler as cs  # noqa: E402
 import photos  # noqa: E402
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                "beta_schedule": "scaled_linear"}
+                "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": False}
 RESOLUTION = 64
 CROSS_ATTENTION_DIM = 8
 STATE_FILE = "last.pt"
@@ -77,8 +77,19 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=16, help="images in the sample grid")
     p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps of the sample grid")
     p.add_argument("--no_grayscale", action="store_true", help="train on the colour photos only")
+    p.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default="epsilon",
+                   help="what the UNet predicts (default epsilon, as SD1.x)")
+    p.add_argument("--zero_terminal_snr", action="store_true",
+                   help="Lin et al.'s rescaled schedule (alpha = 0 at t = 999); needs --prediction_type v_prediction")
+    p.add_argument("--data_scale", type=float, default=1.0,
+                   help="latents = pixels in [-1, 1] times this (the bundle's vae_scaling_factor); 2.0 gives the "
+                        "photos unit variance, as SD's latent scaling factor does for its latents")
+    p.add_argument("--init_from", type=Path, default=None,
+                   help="start from the UNet of this base bundle instead of random weights (a fine-tune)")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
+    if args.zero_terminal_snr and args.prediction_type == "epsilon":
+        p.error("--zero_terminal_snr needs --prediction_type v_prediction (epsilon cannot predict x at alpha = 0)")
     args.state_dir = args.state_dir or args.out.with_name(args.out.name + "-state")
     args.channels = tuple(int(c) for c in args.channels.split(","))
     return args
@@ -88,30 +99,25 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
 
 
-def diffusion_loss(unet, x0, schedule: cs.NoiseSchedule, step_generator: torch.Generator) -> torch.Tensor:
-    """MSE between the UNet's epsilon and the true epsilon at t ~ U{0..999}."""
-    n, device = x0.shape[0], x0.device
-    t = torch.randint(0, schedule.num_train_timesteps, (n,), generator=step_generator)  # drawn on the CPU: the
-    eps = torch.randn(x0.shape, generator=step_generator).to(device)                   # same run on any device
-    alpha = schedule.alphas_cumprod[t].float().sqrt().view(n, 1, 1, 1).to(device)
-    sigma = (1 - schedule.alphas_cumprod[t].float()).sqrt().view(n, 1, 1, 1).to(device)
-    z = alpha * x0 + sigma * eps
-    t = t.to(device)
-    context = torch.zeros(n, 1, CROSS_ATTENTION_DIM, device=device)
-    return torch.nn.functional.mse_loss(unet(z, t, context, return_dict=False)[0], eps)
+def unet_denoiser(unet):
+    """The bundle's UNet as a ``ccd_sampler`` denoiser: it cross-attends to all-zero conditioning."""
+    def denoise(z, t, cond=None):
+        context = torch.zeros(z.shape[0], 1, CROSS_ATTENTION_DIM, device=z.device, dtype=z.dtype)
+        return unet(z, t, context, return_dict=False)[0]
+    return denoise
 
 
 @torch.no_grad()
-def sample_grid(unet, schedule, num: int, steps: int, seed: int) -> torch.Tensor:
+def sample_grid(unet, schedule, num: int, steps: int, seed: int, prediction_type: str = "epsilon",
+                data_scale: float = 1.0) -> torch.Tensor:
     """``num`` images in [0, 1] from the (EMA) UNet: deterministic DDIM on the CoDi grid, no boundary scalings."""
     generator = torch.Generator().manual_seed(seed)
     device = next(unet.parameters()).device
     noise = torch.randn((num, 3, RESOLUTION, RESOLUTION), generator=generator).to(device)
-    context = torch.zeros(num, 1, CROSS_ATTENTION_DIM, device=device)
     timesteps = cs.codi_timesteps(steps, grid=50) if steps <= 50 else cs.even_timesteps(steps)
-    x = cs.sample(lambda z, t, c: unet(z, t, c, return_dict=False)[0], noise, timesteps, "epsilon",
-                  schedule=schedule, mode="ode", cond=context, boundary=False)
-    return (x.float().cpu() / 2 + 0.5).clamp(0, 1)
+    x = cs.sample(unet_denoiser(unet), noise, timesteps, prediction_type, schedule=schedule, mode="ode",
+                  boundary=False)
+    return (x.float().cpu() / data_scale / 2 + 0.5).clamp(0, 1)
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int | None = None) -> None:
@@ -148,13 +154,15 @@ def main(argv=None) -> dict:
 
     split = photos.make_split(args.seed, grayscale=not args.no_grayscale)
     images = photos.load_images(split["train"])
-    schedule = cs.NoiseSchedule.from_betas(cs.betas_for_schedule(
-        SD_SCHEDULER["beta_schedule"], SD_SCHEDULER["num_train_timesteps"], SD_SCHEDULER["beta_start"],
-        SD_SCHEDULER["beta_end"]))
+    scheduler = {**SD_SCHEDULER, "rescale_betas_zero_snr": bool(args.zero_terminal_snr)}
+    schedule = cs.NoiseSchedule.from_config(scheduler)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
-    unet = UNet2DConditionModel(**unet_config(args.channels)).to(device)
+    if args.init_from is not None:
+        unet = UNet2DConditionModel.from_pretrained(args.init_from / "unet", local_files_only=True).to(device)
+    else:
+        unet = UNet2DConditionModel(**unet_config(args.channels)).to(device)
     unet.train()
     ema = cs.EMA(unet, decay=args.ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
@@ -182,7 +190,8 @@ def main(argv=None) -> dict:
         generator = torch.Generator().manual_seed(step_seed(args.seed, step))
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-        loss = diffusion_loss(unet, x0, schedule, generator)
+        loss, _ = cs.diffusion_loss(unet_denoiser(unet), x0 * args.data_scale, None, schedule,
+                                    args.prediction_type, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -204,19 +213,23 @@ def main(argv=None) -> dict:
     ema.copy_to(ema_unet)
     out = args.out
     write_bundle(out, ema_unet, architecture="mini-pixel", modelspec_architecture="codi-mini-pixel-v1",
-                 prediction_type="epsilon", resolution=RESOLUTION, scheduler=SD_SCHEDULER,
+                 prediction_type=args.prediction_type, resolution=RESOLUTION, scheduler=scheduler,
+                 vae_scaling_factor=args.data_scale,
                  extra={"conditioning": "none: unconditional base; the UNet cross-attends to zeros, captions are "
                                         "ignored",
                         "split": "split.json", "pretrain_log": "pretrain_log.json", "samples": "samples.png",
                         "made_by": "benchmarks/mini/pretrain_base.py"})
     (out / "split.json").write_text(json.dumps(split, indent=2) + "\n")
     sample_seconds = time.time()
-    grid = sample_grid(ema_unet, schedule, args.num_samples, args.sample_steps, args.seed)
+    grid = sample_grid(ema_unet, schedule, args.num_samples, args.sample_steps, args.seed, args.prediction_type,
+                       args.data_scale)
     sample_seconds = time.time() - sample_seconds
     save_grid(grid, out / "samples.png")
     weights = out / "unet" / "diffusion_pytorch_model.safetensors"
     window = max(1, min(100, len(losses) // 10))
-    log = {"seed": args.seed, "steps": step, "batch_size": args.batch_size, "lr": args.lr,
+    log = {"seed": args.seed, "steps": step, "prediction_type": args.prediction_type,
+           "zero_terminal_snr": bool(args.zero_terminal_snr), "data_scale": args.data_scale,
+           "init_from": None if args.init_from is None else args.init_from.name, "batch_size": args.batch_size, "lr": args.lr,
            "warmup_steps": args.warmup_steps, "ema_decay": args.ema_decay, "channels": list(args.channels),
            "parameters": params, "weights_bytes": weights.stat().st_size, "seconds": round(seconds, 1),
            "seconds_per_step_this_run": round(run_seconds / max(1, step - start_step), 4),

@@ -110,7 +110,7 @@ def prepare_data(args) -> dict[str, Path]:
 
 def train_run(run: dict, args, data: dict[str, Path]) -> dict:
     """Train one run (or resume it, or skip it when done.json exists); returns its done.json."""
-    run_dir = args.work / "runs" / run["name"]
+    run_dir = run.get("dir") or args.work / "runs" / run["name"]
     done = run_dir / "done.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -121,9 +121,11 @@ def train_run(run: dict, args, data: dict[str, Path]) -> dict:
         if not teacher.is_file():
             raise SystemExit(f"repro: {run['name']} needs {teacher}: train {run['needs']} first")
         flags += ["--init_adapter", str(teacher), "--teacher_adapter", str(teacher)]
-    argv = [sys.executable, str(REPO / "trainer" / "train.py"), "--pretrained_model_name_or_path", str(BASE),
+    steps = run.get("steps", args.steps)
+    argv = [sys.executable, str(REPO / "trainer" / "train.py"), "--pretrained_model_name_or_path",
+            str(run.get("base", BASE)),
             "--train_data_dir", str(data["train"]), *TASK_FLAGS[run["task"]], *COMMON, *flags,
-            "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
+            "--train_batch_size", str(args.batch_size), "--max_train_steps", str(steps),
             "--learning_rate", str(args.learning_rate), "--seed", str(args.seed),
             "--save_every_n_steps", str(args.save_every), "--save_state", "--save_last_n_steps", str(args.save_every),
             "--output_dir", str(run_dir), "--output_name", run["name"]]
@@ -134,7 +136,7 @@ def train_run(run: dict, args, data: dict[str, Path]) -> dict:
         argv += ["--resume", str(state)]
         print(f"repro: {run['name']}: resuming from {state.name}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
-    print(f"repro: training {run['name']} ({args.steps} steps x batch {args.batch_size})", flush=True)
+    print(f"repro: training {run['name']} ({steps} steps x batch {args.batch_size})", flush=True)
     start = time.time()
     with open(run_dir / "train.log", "a") as log:
         code = subprocess.run(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -146,7 +148,7 @@ def train_run(run: dict, args, data: dict[str, Path]) -> dict:
     # when earlier calls were interrupted
     done_lines = re.findall(r"codi: done: \d+ steps \((\d+) this run\) in ([0-9.]+) s", text)
     steps_last, seconds_last = (int(done_lines[-1][0]), float(done_lines[-1][1])) if done_lines else (0, 0.0)
-    record = {"name": run["name"], "task": run["task"], "flags": flags, "steps": args.steps,
+    record = {"name": run["name"], "task": run["task"], "flags": flags, "steps": steps,
               "batch_size": args.batch_size, "seconds_this_call": seconds, "training_seconds": seconds_last,
               "steps_this_call": steps_last,
               "seconds_per_step": seconds_last / steps_last if steps_last else None,
@@ -222,7 +224,7 @@ def starting_noise(seed: int, indices):
     return torch.stack([torch.randn((3, 64, 64), generator=torch.Generator().manual_seed(seed + i)) for i in indices])
 
 
-def load_run(work: Path, run: str | None):
+def load_run(work: Path, run: str | None, base_path: Path = BASE):
     """``(base, adapter)`` of a trained run (``run`` None: the base alone, adapter None), on a fresh base (a UNet LoRA
     is injected into it); None when the run has no adapter yet."""
     from trainer.checkpoints import load_base_model
@@ -232,7 +234,7 @@ def load_run(work: Path, run: str | None):
     if path is not None and not path.is_file():
         print(f"repro: skipping {run}: {path} not trained", flush=True)
         return None
-    base = load_base_model(BASE)
+    base = load_base_model(base_path)
     return base, None if path is None else load_adapter(base, path)[0]
 
 
@@ -245,7 +247,8 @@ def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[l
     from trainer.quality import reference_timesteps
 
     timesteps = reference_timesteps(plan["steps"], 50)
-    schedule = cs.NoiseSchedule.stable_diffusion()
+    schedule = cs.NoiseSchedule.from_config(base.scheduler)
+    scale = base.vae_scaling_factor  # pixel-space base: latents = pixels in [-1, 1] times this
     calls = {"n": 0}
 
     def denoise(z, t, cond):
@@ -264,11 +267,11 @@ def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[l
         with torch.no_grad():
             init = {}
             if plan.get("img2img_strength"):
-                init = {"init_image": hint * 2 - 1, "strength": plan["img2img_strength"]}
+                init = {"init_image": (hint * 2 - 1) * scale, "strength": plan["img2img_strength"]}
             out = cs.sample(denoise, noise, timesteps, base.prediction_type, schedule=schedule, mode=plan["mode"],
                             cond=cond, generator=generator, boundary=plan["boundary"], **init)
         seconds += time.perf_counter() - tic
-        images += list((out.float() / 2 + 0.5).clamp(0, 1))
+        images += list((base.decode_latents(out.float()) / 2 + 0.5).clamp(0, 1))
     return images, seconds / len(pairs), calls["n"] // len(pairs)
 
 
@@ -286,8 +289,9 @@ def denoising_accuracy(base, adapter, pairs, seed: int, batch: int) -> dict:
     from trainer.adapters import adapted_unet_output, text_conditioning
     from trainer.quality import psnr
 
-    schedule = cs.NoiseSchedule.stable_diffusion()
-    x = torch.stack([p.target.float() for p in pairs]) * 2 - 1
+    schedule = cs.NoiseSchedule.from_config(base.scheduler)
+    scale = base.vae_scaling_factor
+    x = (torch.stack([p.target.float() for p in pairs]) * 2 - 1) * scale
     hint = torch.stack([p.hint.float() for p in pairs])
     out = {}
     for t in (*DIAGNOSTIC_T, "noise"):
@@ -300,13 +304,13 @@ def denoising_accuracy(base, adapter, pairs, seed: int, batch: int) -> dict:
             z = noise if t == "noise" else alpha * xb + sigma * noise
             cond = text_conditioning(base.encode_text([""] * len(xb)), hb)
             with torch.no_grad():
-                eps = adapted_unet_output(base.unet, adapter, z, tt, cond)
-            estimates.append((z - sigma * eps) / alpha)
+                prediction = adapted_unet_output(base.unet, adapter, z, tt, cond)
+            estimates.append(cs.to_x0_eps(prediction, z, alpha, sigma, base.prediction_type)[0] / scale)
         x0 = torch.cat(estimates)
         if t == "noise":
             out["x0_std_from_noise_980"] = float(x0.std())
         else:
-            out[f"x0_psnr_t{t}"] = float(psnr((x0 / 2 + 0.5).clamp(0, 1), x / 2 + 0.5).mean())
+            out[f"x0_psnr_t{t}"] = float(psnr((x0 / 2 + 0.5).clamp(0, 1), x / scale / 2 + 0.5).mean())
     return out
 
 
