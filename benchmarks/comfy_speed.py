@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""CoDi in the real ComfyUI 0.3.75 on CPU: NFE and wall-clock, side by side in one run (DESIGN.md D7).
+"""CoDi in the real ComfyUI 0.3.75 on CPU: NFE and wall-clock, side by side in one run (ratios, never wall-clock
+asserts in tests).
 
-    .venv/bin/python benchmarks/comfy_speed.py [--full] [--reps 5] [--threads 1] [--out benchmarks/results/comfy_speed.md]
+    .venv/bin/python benchmarks/comfy_speed.py [--full] [--reps 5] [--threads 1] \
+        [--out benchmarks/results/comfy_speed.md]
 
 One in-process ComfyUI (``tests/harness``: ``run_inprocess``, the real ``validate_prompt`` + ``PromptExecutor``, our
 pack in ``custom_nodes/``) runs, with the same checkpoint, the same CoDi adapter (a random-weight ControlNet exported
-by ``trainer/export.py`` with ``codi.*`` metadata: task sr, 4 recommended steps, cfg 1) and the same inputs:
+by ``trainer/adapters/files.py`` with ``codi.*`` metadata: task sr, 4 recommended steps, cfg 1) and the same inputs:
 
 (a) the shipped 4x super-resolution workflow ``workflows/api/codi_sr_x4.json`` (CoDiSuperResolutionInput ->
     CoDiSample at 4 steps -> VAEDecode -> SaveImage) against the stock way to use the same adapter: ControlNetLoader +
@@ -79,15 +81,15 @@ def prepare(workdir: Path, full: bool, size: int) -> Path:
     """A ComfyUI base dir with the checkpoint, the adapter (in models/codi and models/controlnet) and the input."""
     import numpy as np
     import torch
+    from model_builders import build_full_sd15, build_micro_sd15, sd1_tokenizer_source
     from PIL import Image
     from skimage import data
 
     from ccd_sampler.metadata import CoDiMetadata
     from harness import make_base_dir
-    from model_builders import build_full_sd15, build_micro_sd15, sd1_tokenizer_source
-    from trainer.adapters import build_adapter
-    from trainer.checkpoints import load_base_model
-    from trainer.export import build_metadata, save_adapter
+    from trainer.adapters.controlnet import build_adapter
+    from trainer.adapters.files import build_metadata, save_adapter
+    from trainer.models import load_base_model
 
     base = make_base_dir(workdir / "base")
     models = base / "models"
@@ -302,9 +304,8 @@ def write_report(out: Path, res: dict, args, size: int, seconds: float, load_sta
         f"({res['threads']} intra-op thread{'s' if res['threads'] != 1 else ''}), ComfyUI {COMFYUI_VERSION} "
         f"(`--cpu`, in-process via `tests/harness`), Python {platform.python_version()}.",
         f"Load average (1 min) at start {load_start.split()[0]}, after each round of repetitions "
-        f"{', '.join(res['loads'][1:])}, at end {load_end.split()[0]} -- the machine was shared with another "
-        "engineer's test runs (ComfyUI subprocesses and servers, a headless browser), so absolute seconds are noisy; the ratios are "
-        "measured side by side (interleaved repetitions) in one run.",
+        f"{', '.join(res['loads'][1:])}, at end {load_end.split()[0]}: absolute seconds depend on what else "
+        "the machine was doing; the ratios are measured side by side (interleaved repetitions) in one run.",
         "",
         f"Command: `{command}` (took {seconds / 60:.1f} min including building the checkpoint/adapter if not cached "
         "and ComfyUI start-up).",

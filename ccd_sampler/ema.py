@@ -89,7 +89,7 @@ class EMA:
             for name, value in state["shadow"].items():
                 self.shadow[name].copy_(value.to(self.shadow[name].device, torch.float32))
 
-    def to(self, device) -> "EMA":
+    def to(self, device) -> EMA:
         self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
         return self
 

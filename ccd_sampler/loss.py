@@ -1,4 +1,4 @@
-"""The CoDi training loss for one batch (CODI_SPEC.md, "One training step").
+"""The CoDi training loss for one batch (``docs/algorithm.md``, "One training step").
 
 Models are callables ``fn(z_t, t, cond) -> model_output`` (``fn(z_t, t, cond, w)`` in ``guidance_mode="distill"``,
 with ``w`` a ``[B]`` tensor of guidance scales). For a batch ``x`` with condition ``cond``:
@@ -28,7 +28,7 @@ import torch
 
 from .boundary import DEFAULT_SIGMA_DATA, DEFAULT_TIMESTEP_SCALING, apply_boundary
 from .parameterization import eps_from_x0, normalize_prediction_type, to_x0_eps
-from .sampling import batch_conditions
+from .sampling import guided_output
 from .schedule import NoiseSchedule
 
 ODE_MODELS = ("ema", "base", "online", "teacher")
@@ -39,7 +39,7 @@ GUIDANCE_MODES = ("none", "cfg", "distill")
 
 @dataclass
 class CoDiLossConfig:
-    """Every knob of CODI_SPEC.md steps 1-7, with the spec's defaults."""
+    """Every knob of the training step (``docs/algorithm.md``, steps 1-7), with the defaults stated there."""
 
     prediction_type: str = "epsilon"
     distill_grid: int = 50
@@ -94,12 +94,12 @@ def _call(fn: Callable, z: torch.Tensor, t: torch.Tensor, cond: Any, w: torch.Te
 
 def _guided(fn: Callable, z: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, w: torch.Tensor,
             neutral_w: torch.Tensor | None) -> torch.Tensor:
-    """``u + w (c - u)`` from one batched call (adapter and condition image apply to both branches)."""
-    w_both = None if neutral_w is None else torch.cat([neutral_w, neutral_w])
-    out = _call(fn, torch.cat([z, z]), torch.cat([t, t]), batch_conditions(cond, uncond), w_both)
-    out_c, out_u = out.chunk(2)
-    w = w.to(out.dtype).reshape((-1,) + (1,) * (out.ndim - 1))
-    return out_u + w * (out_c - out_u)
+    """``u + w (c - u)`` (:func:`~ccd_sampler.sampling.guided_output`; the adapter and condition image apply to both
+    branches); a ``w``-conditioned model gets ``neutral_w`` on both branches."""
+    if neutral_w is not None:
+        both = torch.cat([neutral_w, neutral_w])
+        return guided_output(lambda zz, tt, cc: fn(zz, tt, cc, both), z, t, cond, uncond, w)
+    return guided_output(fn, z, t, cond, uncond, w)
 
 
 def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, config: CoDiLossConfig,
@@ -126,24 +126,23 @@ def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, co
         ``loss_consistency``, ``loss_guidance``, the drawn ``t`` / ``s`` (lists) and ``w`` (list or ``None``).
     """
     schedule = schedule or NoiseSchedule.stable_diffusion()
-    cfg = config
     batch = x.shape[0]
-    if cfg.guidance_mode != "none" and uncond is None:
-        raise ValueError(f"guidance_mode={cfg.guidance_mode!r} needs the empty-text conditioning `uncond`")
-    if cfg.ode_model == "base" and base is None:
+    if config.guidance_mode != "none" and uncond is None:
+        raise ValueError(f"guidance_mode={config.guidance_mode!r} needs the empty-text conditioning `uncond`")
+    if config.ode_model == "base" and base is None:
         raise ValueError("ode_model='base' needs the frozen base model callable `base`")
-    if cfg.ode_model == "teacher" and teacher is None:
+    if config.ode_model == "teacher" and teacher is None:
         raise ValueError("ode_model='teacher' needs the frozen teacher model callable `teacher`")
 
-    t, s = draw_timesteps(batch, cfg.distill_grid, cfg.shared_timestep, schedule.num_train_timesteps, generator)
+    t, s = draw_timesteps(batch, config.distill_grid, config.shared_timestep, schedule.num_train_timesteps, generator)
     t, s = t.to(x.device), s.to(x.device)
     gen_device = generator.device if generator is not None else x.device
     eps = torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device, x.dtype)
     w = None
-    if cfg.guidance_mode != "none":
-        w_min, w_max = cfg.cfg_range
+    if config.guidance_mode != "none":
+        w_min, w_max = config.cfg_range
         w = w_min + (w_max - w_min) * torch.rand(batch, generator=generator, device=gen_device).to(x.device)
-    distill = cfg.guidance_mode == "distill"
+    distill = config.guidance_mode == "distill"
     neutral = torch.ones(batch, device=x.device) if distill else None
 
     alpha_t, sigma_t = schedule.alpha_sigma(t, like=x)
@@ -152,43 +151,44 @@ def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, co
 
     with torch.no_grad():
         # 3. One-step PF-ODE to s, never guided (the authors report gradient blow-ups with CFG here).
-        ode_fn = {"ema": target, "base": base, "online": online, "teacher": teacher}[cfg.ode_model]
-        plain_call = cfg.ode_model in ("base", "teacher") or not distill
+        ode_fn = {"ema": target, "base": base, "online": online, "teacher": teacher}[config.ode_model]
+        plain_call = config.ode_model in ("base", "teacher") or not distill
         ode_out = ode_fn(z_t, t, cond) if plain_call else ode_fn(z_t, t, cond, neutral)
-        x0_ode, eps_ode = to_x0_eps(ode_out, z_t, alpha_t, sigma_t, cfg.prediction_type)
-        z_s = alpha_s * x0_ode + sigma_s * (eps_ode if cfg.eps_source == "ddim" else eps)
+        x0_ode, eps_ode = to_x0_eps(ode_out, z_t, alpha_t, sigma_t, config.prediction_type)
+        z_s = alpha_s * x0_ode + sigma_s * (eps_ode if config.eps_source == "ddim" else eps)
 
         # 4. Target at (z_s, s) from the EMA model.
-        if cfg.guidance_mode == "none":
+        if config.guidance_mode == "none":
             target_out = target(z_s, s, cond)
         else:
             target_out = _guided(target, z_s, s, cond, uncond, w, neutral)
-        x0_target, _ = to_x0_eps(target_out, z_s, alpha_s, sigma_s, cfg.prediction_type)
-        f_target = apply_boundary(z_s, x0_target, s, cfg.boundary, cfg.sigma_data, cfg.timestep_scaling)
+        x0_target, _ = to_x0_eps(target_out, z_s, alpha_s, sigma_s, config.prediction_type)
+        f_target = apply_boundary(z_s, x0_target, s, config.boundary, config.sigma_data, config.timestep_scaling)
 
     # 5. Online prediction at (z_t, t), with gradient.
-    if cfg.guidance_mode == "none":
+    if config.guidance_mode == "none":
         online_out = online(z_t, t, cond)
     elif distill:
         online_out = online(z_t, t, cond, w)
     else:
         online_out = _guided(online, z_t, t, cond, uncond, w, None)
-    x0_online, _ = to_x0_eps(online_out, z_t, alpha_t, sigma_t, cfg.prediction_type)
-    f = apply_boundary(z_t, x0_online, t, cfg.boundary, cfg.sigma_data, cfg.timestep_scaling)
+    x0_online, _ = to_x0_eps(online_out, z_t, alpha_t, sigma_t, config.prediction_type)
+    f = apply_boundary(z_t, x0_online, t, config.boundary, config.sigma_data, config.timestep_scaling)
 
     # 6. Consistency term (+ optional Min-SNR-gamma weight) and conditional-guidance regression.
     reduce_dims = tuple(range(1, x.ndim))
-    if cfg.consistency_space == "x":
+    if config.consistency_space == "x":
         per_sample = (f.float() - f_target.float()).pow(2).mean(dim=reduce_dims)
     else:
         eps_f = eps_from_x0(z_t, f, alpha_t, sigma_t)
         eps_target = eps_from_x0(z_s, f_target, alpha_s, sigma_s)
         per_sample = (eps_f.float() - eps_target.float()).pow(2).mean(dim=reduce_dims)
-    if cfg.min_snr_gamma is not None:
-        per_sample = per_sample * min_snr_weight(schedule, t, cfg.min_snr_gamma, cfg.consistency_space).to(x.device)
+    if config.min_snr_gamma is not None:
+        weight = min_snr_weight(schedule, t, config.min_snr_gamma, config.consistency_space)
+        per_sample = per_sample * weight.to(x.device)
     loss_consistency = per_sample.mean()
     loss_guidance = (f.float() - x.float()).pow(2).mean()
-    loss = loss_consistency + cfg.guidance_weight * loss_guidance
+    loss = loss_consistency + config.guidance_weight * loss_guidance
 
     diagnostics = {
         "loss_consistency": float(loss_consistency.detach()),

@@ -128,7 +128,7 @@ class CoDiMetadata:
         return out
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, str] | None) -> "CoDiMetadata":
+    def from_metadata(cls, metadata: dict[str, str] | None) -> CoDiMetadata:
         """Parse ``codi.*`` keys (others are ignored). Raises :class:`MetadataError` for a file without CoDi
         metadata, an unknown key, or a value that does not parse or is out of range."""
         metadata = metadata or {}

@@ -29,7 +29,8 @@ def normalize_prediction_type(prediction_type: str) -> str:
 
 def to_x0_eps(model_output: torch.Tensor, z_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
               prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x0_hat, eps_hat)`` from the raw network output at ``(z_t, t)``; ``alpha``/``sigma`` broadcast against ``z_t``."""
+    """``(x0_hat, eps_hat)`` from the raw network output at ``(z_t, t)``; ``alpha``/``sigma`` broadcast against
+    ``z_t``."""
     kind = normalize_prediction_type(prediction_type)
     if kind == "epsilon":
         eps = model_output

@@ -112,7 +112,8 @@ def sample(denoise_fn: Denoiser, noise: torch.Tensor, timesteps: Sequence[int], 
     Args:
         denoise_fn: ``denoise_fn(z_t, t, cond) -> model_output``.
         noise: starting Gaussian noise ``[B, ...]`` (its shape, dtype and device are the sample's).
-        timesteps: descending evaluation timesteps, e.g. ``codi_timesteps(4, grid=50)``; the last step goes to ``t = 0``.
+        timesteps: descending evaluation timesteps, e.g. ``codi_timesteps(4, grid=50)``; the last step goes to
+            ``t = 0``.
         prediction_type: ``epsilon`` / ``v_prediction`` / ``sample`` (aliases ``eps``, ``v``, ``x``).
         mode: ``ode`` (deterministic) or ``consistency`` (fresh noise from ``generator`` at every intermediate step).
         cond, uncond, cfg: conditioning passed to ``denoise_fn``; ``cfg != 1`` with an ``uncond`` runs guidance.
@@ -132,7 +133,8 @@ def sample(denoise_fn: Denoiser, noise: torch.Tensor, timesteps: Sequence[int], 
     z = noise
     if init_image is not None:
         if init_image.shape != noise.shape:
-            raise ValueError(f"init_image shape {tuple(init_image.shape)} differs from noise shape {tuple(noise.shape)}")
+            raise ValueError(f"init_image shape {tuple(init_image.shape)} differs from noise shape "
+                             f"{tuple(noise.shape)}")
         timesteps = img2img_timesteps(timesteps, strength)
         alpha, sigma = schedule.alpha_sigma(timesteps[0], like=noise)
         z = alpha * init_image.to(noise.dtype) + sigma * noise

@@ -63,11 +63,11 @@ class NoiseSchedule:
     alphas_cumprod: torch.Tensor
 
     @classmethod
-    def from_betas(cls, betas: torch.Tensor) -> "NoiseSchedule":
+    def from_betas(cls, betas: torch.Tensor) -> NoiseSchedule:
         return cls(torch.cumprod(1.0 - betas.to(torch.float64), dim=0))
 
     @classmethod
-    def from_config(cls, config: dict | None = None) -> "NoiseSchedule":
+    def from_config(cls, config: dict | None = None) -> NoiseSchedule:
         """The schedule of a diffusers-style scheduler config (``beta_schedule``, ``num_train_timesteps``,
         ``beta_start``, ``beta_end``, ``rescale_betas_zero_snr``); missing keys take Stable Diffusion's values."""
         config = config or {}
@@ -86,7 +86,7 @@ class NoiseSchedule:
         return bool(self.alphas_cumprod[-1] == 0)
 
     @classmethod
-    def stable_diffusion(cls) -> "NoiseSchedule":
+    def stable_diffusion(cls) -> NoiseSchedule:
         """SD1.x/SD2.x/SDXL: 1000 steps, scaled_linear betas 0.00085 .. 0.012."""
         return cls.from_betas(betas_for_schedule())
 

@@ -180,12 +180,4 @@ class CoDiModelPatch(io.ComfyNode):
         return io.NodeOutput(patch_model(model, codi_info, boundary, lora_name, lora_strength))
 
 
-def model_sampling_of(model):
-    return model.get_model_object("model_sampling")
-
-
-def is_codi_patched(model) -> bool:
-    return isinstance(model_sampling_of(model), CoDiBoundaryMixin)
-
-
-__all__ = ["CoDiModelPatch", "codi_model_sampling", "is_codi_patched", "patch_model", "prediction_type_of"]
+__all__ = ["CoDiModelPatch", "codi_model_sampling", "patch_model", "prediction_type_of"]

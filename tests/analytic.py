@@ -1,7 +1,7 @@
 """Closed-form helpers for the analytic ("Layer A") tests: Gaussian / Gaussian-mixture data in low dimension, whose
 noised marginals, exact denoisers, exact PF-ODE flow (single Gaussian) and exact conditional posteriors are known.
 
-Everything is float64. Notation (CODI_SPEC.md): ``z_t = alpha_t x + sigma_t eps``, ``eps ~ N(0, I)``.
+Everything is float64. Notation (``docs/algorithm.md``): ``z_t = alpha_t x + sigma_t eps``, ``eps ~ N(0, I)``.
 
 Gaussian mixture ``p(x) = sum_j pi_j N(x; m_j, P_j)``. Under the VP noising
 
@@ -85,7 +85,7 @@ class Mixture:
         cond_means = self.means + alpha * (self.covs @ solved[..., None]).squeeze(-1)           # [B, K, D]
         return (r[..., None] * cond_means).sum(-2)
 
-    def observe(self, c: torch.Tensor, obs_std: float) -> "Mixture":
+    def observe(self, c: torch.Tensor, obs_std: float) -> Mixture:
         """The exact posterior ``p(x | c)`` for ``c = x + obs_std * n`` (one mixture per row of ``c [B, D]``)."""
         c = c.to(F64)
         eye = torch.eye(self.dim, dtype=F64)
@@ -99,7 +99,7 @@ class Mixture:
         log_w = torch.log(self.weights) - 0.5 * torch.logdet(marg) - 0.5 * quad
         return Mixture(torch.softmax(log_w, -1), post_means, post_covs.expand(c.shape[0], -1, -1, -1))
 
-    def select(self, index: torch.Tensor) -> "Mixture":
+    def select(self, index: torch.Tensor) -> Mixture:
         """Rows ``index`` of a per-sample mixture."""
         return Mixture(self.weights[index], self.means[index], self.covs[index])
 
@@ -141,7 +141,7 @@ def alpha_sigma(t: int) -> tuple[float, float]:
 
 
 def lcm_scalings(t: float, sigma_data: float = 0.5, tau: float = 10.0) -> tuple[float, float]:
-    """``c_skip = sd^2 / ((tau t)^2 + sd^2)``, ``c_out = tau t / sqrt((tau t)^2 + sd^2)`` (CODI_SPEC.md)."""
+    """``c_skip = sd^2 / ((tau t)^2 + sd^2)``, ``c_out = tau t / sqrt((tau t)^2 + sd^2)`` (``docs/algorithm.md``)."""
     u = tau * t
     return sigma_data**2 / (u**2 + sigma_data**2), u / (u**2 + sigma_data**2) ** 0.5
 

@@ -20,10 +20,11 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import pytest  # noqa: E402
 
-from harness import REPO_ROOT, ComfyUINotPrepared, make_base_dir, require_comfyui
+from harness import REPO_ROOT, ComfyUINotPrepared, make_base_dir, require_comfyui  # noqa: E402
 
-# session fixtures with random-weight checkpoints (micro_sd15, small_sd2v, small_sdxl, sd_diffusers_folder, ...)
-pytest_plugins = ["model_builders"]
+# session fixtures with random-weight checkpoints (micro_sd15, small_sd2v, small_sdxl, ...) and the workflow tests'
+# wf_base
+pytest_plugins = ["model_builders", "workflow_env"]
 
 
 class _RepoRootIsNotATestPackage:

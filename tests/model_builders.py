@@ -1,4 +1,5 @@
-"""Random-weight Stable Diffusion checkpoints built at test time (DESIGN.md D5 layer B), and their pytest fixtures.
+"""Random-weight Stable Diffusion checkpoints built at test time (layer B of ``docs/testing.md``), and their pytest
+fixtures.
 
 Every builder makes diffusers / transformers modules with a fixed torch seed (so every tensor is explicitly
 initialised: ComfyUI leaves missing weights uninitialised), writes them in the original single-file ("ldm") layout
@@ -64,7 +65,7 @@ def sd1_tokenizer_source() -> Path:
 
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     """The UNet's weights in single-file naming, through the trainer's own diffusers -> ldm table."""
-    from trainer.ldm_keys import diffusers_unet_to_ldm
+    from trainer.models.ldm_keys import diffusers_unet_to_ldm
 
     return {UNET_PREFIX + k: v for k, v in diffusers_unet_to_ldm(unet.state_dict(), unet.config).items()}
 
@@ -201,7 +202,8 @@ def _write(path, tensors: dict[str, torch.Tensor], metadata: dict | None) -> Pat
 
 def build_micro_sd15(path, seed: int = 0, *, text_dtype: torch.dtype = torch.float16) -> BuiltCheckpoint:
     """Micro SD1.5: one-level UNet (320 channels, context 768, 1 res block, attention depth 1, 8 heads), full-size
-    CLIP-L and full-size VAE (ComfyUI builds these with fixed shapes). UNet stored fp32, CLIP + VAE in ``text_dtype``."""
+    CLIP-L and full-size VAE (ComfyUI builds these with fixed shapes). UNet stored fp32, CLIP + VAE in
+    ``text_dtype``."""
     start = time.perf_counter()
     unet = make_unet(seed, sample_size=64, in_channels=4, out_channels=4, down_block_types=["CrossAttnDownBlock2D"],
                      up_block_types=["CrossAttnUpBlock2D"], block_out_channels=[320], layers_per_block=1,
@@ -217,7 +219,7 @@ def build_micro_sd15(path, seed: int = 0, *, text_dtype: torch.dtype = torch.flo
 def build_full_sd15(path, seed: int = 0, *, dtype: torch.dtype = torch.float16) -> BuiltCheckpoint:
     """Full-size SD1.5 architecture (UNet 859.5M, CLIP-L, VAE) with random weights, stored in ``dtype`` (for
     benchmarks: memory and speed do not depend on the weights' values)."""
-    from trainer.checkpoints import standard_unet_config
+    from trainer.models.single_file import standard_unet_config
 
     start = time.perf_counter()
     config = dict(standard_unet_config("sd1"))

@@ -1,4 +1,4 @@
-"""Adapters (issue 3 item 2) and their export (item 4): identity at init, training-and-reload round trips, the
+"""Adapters and their export: identity at init, training-and-reload round trips, the
 Control-LoRA memory sharing, the diffusers<->ldm key table, bad inputs, and acceptance by the real ComfyUI 0.3.75
 (stock ControlNet loader, Control-LoRA path, kohya UNet LoRA key mapping) with numeric parity of the residuals.
 
@@ -19,10 +19,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from ccd_sampler.metadata import CoDiMetadata
 from harness.comfyui import subprocess_env
-from trainer import ldm_keys
-from trainer.adapters import AdapterFileError, adapted_unet_output, build_adapter
-from trainer.export import build_metadata, load_adapter_file, load_adapter_weights, save_adapter, safetensors_hash
-from trainer.lora import LoRAConv2d, LoRALinear, add_unet_lora, inject_lora
+from trainer.adapters.controlnet import AdapterFileError, adapted_unet_output, build_adapter
+from trainer.adapters.files import build_metadata, load_adapter_file, safetensors_hash, save_adapter
+from trainer.adapters.lora import LoRAConv2d, LoRALinear, add_unet_lora, inject_lora
+from trainer.models import ldm_keys
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
@@ -167,15 +167,15 @@ def test_trained_adapter_exports_and_reloads_exactly(adapter_type, tmp_path):
     fresh_unet = make_unet()  # the other order (adapter, then UNet LoRA) gives the same model
     fresh = build_adapter(fresh_unet, adapter_type, network_dim=4, network_alpha=2)
     fresh_lora = add_unet_lora(fresh_unet, 4, 2)
-    load_adapter_weights(fresh, tensors)
+    fresh.load_exported(tensors)
     fresh_lora.load_kohya_state_dict(load_adapter_file(lora_path)[0])
     assert torch.equal(run(fresh_unet, fresh, inputs), trained)  # alpha/rank = 0.5 folds/unfolds exactly
 
     # EMA weights substituted on export are what gets saved
     live = adapter.trainable_named_parameters()
     ema = {k: p.detach() * 0.5 + 0.01 for k, p in live}
-    load_adapter_weights(fresh, adapter.export_state_dict(weights=ema))
-    for (name, p), (_, q) in zip(live, fresh.trainable_named_parameters()):
+    fresh.load_exported(adapter.export_state_dict(weights=ema))
+    for (name, _), (_, q) in zip(live, fresh.trainable_named_parameters()):
         torch.testing.assert_close(q.detach(), ema[name], rtol=0, atol=1e-6)
     kohya_ema = {k: v * 2 for k, v in unet_lora.trainable_named_parameters()}
     exported = unet_lora.export_kohya_state_dict(kohya_ema)
@@ -194,7 +194,7 @@ def test_controlnet_diffusers_layout_round_trip():
     ldm = adapter.export_state_dict()
     assert {"label_emb.0.0.weight", "input_hint_block.14.weight", "middle_block_out.0.bias"} <= set(ldm)
     fresh = build_adapter(make_unet(TINY_XL), "controlnet")
-    load_adapter_weights(fresh, sd)
+    fresh.load_exported(sd)
     torch.testing.assert_close(run(unet, fresh, inputs), run(unet, adapter, inputs), rtol=0, atol=0)
 
 
@@ -213,7 +213,7 @@ def test_control_lora_on_sdxl_layout_unet():
             "middle_block.1.transformer_blocks.0.ff.net.2.down"} <= set(exported)
     fresh_unet = make_unet(TINY_XL)
     fresh = build_adapter(fresh_unet, "control-lora", network_dim=2, network_alpha=4)
-    load_adapter_weights(fresh, exported)
+    fresh.load_exported(exported)
     assert torch.equal(run(fresh_unet, fresh, inputs), trained)
 
 
@@ -224,7 +224,8 @@ def test_control_lora_shares_the_base_weights():
     unet_ptrs = {p.data_ptr() for p in unet.parameters()}
     cn = adapter.controlnet
     assert cn.conv_in.base.weight is unet.conv_in.weight
-    assert cn.down_blocks[0].resnets[0].conv1.base.weight.data_ptr() == unet.down_blocks[0].resnets[0].conv1.weight.data_ptr()
+    shared = unet.down_blocks[0].resnets[0].conv1.weight
+    assert cn.down_blocks[0].resnets[0].conv1.base.weight.data_ptr() == shared.data_ptr()
     assert cn.mid_block.resnets[0].norm1.weight is unet.mid_block.resnets[0].norm1.weight
     trainable = adapter.trainable_named_parameters()
     adapter_ptrs = {p.data_ptr() for p in adapter.parameters()}
@@ -257,18 +258,18 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
     control_lora = build_adapter(make_unet(), "control-lora", network_dim=4)
     with pytest.raises(AdapterFileError, match="control-lora adapter"):
-        load_adapter_weights(adapter, control_lora.export_state_dict())
+        adapter.load_exported(control_lora.export_state_dict())
     with pytest.raises(AdapterFileError, match="not a control-lora"):
-        load_adapter_weights(control_lora, adapter.export_state_dict())
+        control_lora.load_exported(adapter.export_state_dict())
     other_rank = build_adapter(make_unet(), "control-lora", network_dim=8)
     with pytest.raises(AdapterFileError, match="another shape"):
-        load_adapter_weights(other_rank, control_lora.export_state_dict())
+        other_rank.load_exported(control_lora.export_state_dict())
     other_model = build_adapter(make_unet(TINY_XL), "controlnet")
     with pytest.raises(AdapterFileError, match="does not fit"):
-        load_adapter_weights(other_model, adapter.export_state_dict())
+        other_model.load_exported(adapter.export_state_dict())
     unet_lora = add_unet_lora(make_unet(), 4)
     with pytest.raises(AdapterFileError, match="UNet LoRA file"):
-        load_adapter_weights(adapter, unet_lora.export_kohya_state_dict())
+        adapter.load_exported(unet_lora.export_kohya_state_dict())
     twice = make_unet()
     add_unet_lora(twice, 4)
     with pytest.raises(RuntimeError, match="called twice"):
@@ -341,7 +342,7 @@ def control_lora(prefix, file):
         else:
             wrong.append(k)
     for name, m in cl.control_model.named_modules():
-        if isinstance(m, comfy.controlnet.ControlLoraOps.Linear) or isinstance(m, comfy.controlnet.ControlLoraOps.Conv2d):
+        if isinstance(m, (comfy.controlnet.ControlLoraOps.Linear, comfy.controlnet.ControlLoraOps.Conv2d)):
             if m.weight is None:
                 unset.append(name)
     result[prefix] = {"class": type(cl).__name__, "keys": len(cl.control_weights) - 1, "landed": landed,

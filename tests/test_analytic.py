@@ -75,8 +75,9 @@ def test_gaussian_ode_sampler_recovers_mean_and_covariance():
     * tolerance: the sampler's output law is exactly ``N(A m + b, A C A^T)`` for the start law ``N(m, C)``, so its
       discretisation bias against ``(mu, Sigma)`` is known: we require |mean - mu| <= 4 SE + |mean bias| and
       |cov - Sigma| <= 4 SE + |cov bias| entrywise (SE of a Gaussian sample covariance: sqrt((S_ij^2 + S_ii S_jj) / n)),
-      with |cov bias| <= 0.08 at 50 steps (it is ~5%: DDIM is first order) and |mean bias| <= 1e-3 (the mean bias is only the last step's
-      boundary: c_skip(0) = 1 returns z_0 = alpha_0 x + sigma_0 eps, whose mean is alpha_0 mu = 0.99957 mu);
+      with |cov bias| <= 0.08 at 50 steps (it is ~5%: DDIM is first order) and |mean bias| <= 1e-3 (the mean bias is
+      only the last step's boundary: c_skip(0) = 1 returns z_0 = alpha_0 x + sigma_0 eps, whose mean is
+      alpha_0 mu = 0.99957 mu);
     * the same check with a deliberately wrong sampler (eps output read as v, or as x) must fail.
     """
     n = 20_000
@@ -104,7 +105,8 @@ def test_gaussian_ode_sampler_recovers_mean_and_covariance():
     ok_law, *_ = _moments_within(x, law_mean, law_cov, torch.zeros_like(MU), torch.zeros_like(bias))
     mean, cov = A.sample_moments(x)
     print(f"\n[a] n={n}, 50-step ode sampler, exact start at t={timesteps[0]}")
-    print(f"    max|v - eps| = {diff_v:.2e}, max|x - eps| = {diff_x:.2e}, max|eps - closed-form DDIM| = {diff_affine:.2e}")
+    print(f"    max|v - eps| = {diff_v:.2e}, max|x - eps| = {diff_x:.2e}, "
+          f"max|eps - closed-form DDIM| = {diff_affine:.2e}")
     print(f"    mean {mean.tolist()} vs mu {MU.tolist()}; |err| {mean_err.tolist()} <= tol {mean_tol.tolist()}")
     print(f"    cov  {cov.flatten().tolist()} vs Sigma {SIGMA.flatten().tolist()}")
     print(f"    |err| {cov_err.flatten().tolist()} <= tol {cov_tol.flatten().tolist()}")
@@ -298,9 +300,10 @@ def test_codi_beats_plain_diffusion_in_one_and_two_steps():
     Asserted: CoDi-1 < 0.8 plain-1 and CoDi-2 < 0.5 plain-2 (seen: ratios 0.29-0.65 and 0.05-0.16 over seeds 0-3,
     400/800 fine-tune steps, EMA 0.9, batch 256, 2000 base steps), and the plain model is good with 50 steps.
     The spec default guidance_weight = 1 is also trained: its 2-step samples must beat plain-2, but its 1-step samples
-    are not asserted: the fixed point of d(f, f^-) + lam |f - x|^2 is f_t = (f^-_s(z_s) + lam E[x | z_t, c]) / (1 + lam),
-    dominated for lam = 1 by high-noise posterior means, so its 1-step samples collapse (spread ~0.04) and lose to
-    plain-1 here. guidance_weight = 0.1 keeps the condition regression but lets the consistency term dominate.
+    are not asserted: the fixed point of d(f, f^-) + lam |f - x|^2 is
+    f_t = (f^-_s(z_s) + lam E[x | z_t, c]) / (1 + lam), dominated for lam = 1 by high-noise posterior means, so its
+    1-step samples collapse (spread ~0.04) and lose to plain-1 here. guidance_weight = 0.1 keeps the condition
+    regression but lets the consistency term dominate.
     Change SEED / FINETUNE_STEPS / ... to re-check the robustness.
     """
     started = time.perf_counter()

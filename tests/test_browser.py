@@ -1,4 +1,5 @@
-"""Layer D (DESIGN.md D5): the real ComfyUI frontend in headless Chromium loads and queues every shipped UI workflow.
+"""Layer D (``docs/testing.md``): the real ComfyUI frontend in headless Chromium loads and queues every shipped UI
+workflow.
 
 One ComfyUI 0.3.75 server for the module (our pack in ``custom_nodes/``, the micro SD1.5 checkpoint and test adapters
 under the file names the workflows expect: ``workflow_env``) serves its own frontend (``comfyui-frontend-package``
@@ -42,9 +43,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from workflow_env import NAMES, OUTPUT_NODE, SIZE, load_api, load_ui
 
 from harness import REPO_ROOT, comfy_server
-from workflow_env import NAMES, OUTPUT_NODE, SIZE, load_api, load_ui, wf_base  # noqa: F401  (wf_base: a fixture)
 
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
 SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"

@@ -1,4 +1,4 @@
-"""Base-model loading (trainer/checkpoints.py) on random-weight checkpoints built at test time (tests/model_builders.py).
+"""Base-model loading (``trainer/models``) on random-weight checkpoints built at test time (tests/model_builders.py).
 
 Covers: architecture / prediction-type detection and overrides, exact weight round trips (builder's diffusers modules
 -> ldm single file -> loader), text encoding per architecture against the reference transformers modules, UNet and VAE
@@ -19,11 +19,11 @@ import textwrap
 
 import pytest
 import torch
+from model_builders import BuiltCheckpoint, build_small_sd2v, unet_to_ldm, vae_to_ldm
 from safetensors.torch import load_file, save_file
 
-from model_builders import BuiltCheckpoint, build_small_sd2v, unet_to_ldm, vae_to_ldm
-from trainer import checkpoints as ckpt
-from trainer.checkpoints import CheckpointError, load_base_model, model_hash
+from trainer.models import CheckpointError, load_base_model, model_hash, single_file, tokenizers
+from trainer.models import base as model_base
 
 
 def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -34,7 +34,7 @@ def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max(((sa[k].float() - sb[k].float()).abs().max().item() for k in different), default=0.0)
 
 
-def assert_same_weights(model: ckpt.BaseModel, built: BuiltCheckpoint) -> None:
+def assert_same_weights(model: model_base.BaseModel, built: BuiltCheckpoint) -> None:
     assert max_abs_diff(model.unet, built.unet) == 0
     assert max_abs_diff(model.vae, built.vae) == 0
     assert len(model.text_encoders) == len(built.text_encoders)
@@ -45,7 +45,7 @@ def assert_same_weights(model: ckpt.BaseModel, built: BuiltCheckpoint) -> None:
 def reference_text_states(arch: str, encoders: list, tokenizers: list, prompts: list[str]):
     """What each architecture conditions on, computed directly with the reference transformers modules."""
     states, pooled = [], None
-    for spec, encoder, tokenizer in zip(ckpt.TEXT_ENCODING[arch], encoders, tokenizers):
+    for _spec, encoder, tokenizer in zip(model_base.TEXT_ENCODING[arch], encoders, tokenizers):
         ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             out = encoder(ids, output_hidden_states=True)
@@ -59,7 +59,7 @@ def reference_text_states(arch: str, encoders: list, tokenizers: list, prompts: 
     return torch.cat(states, dim=-1), pooled
 
 
-def unet_forward(model: ckpt.BaseModel, cond: dict, latent: int = 8) -> torch.Tensor:
+def unet_forward(model: model_base.BaseModel, cond: dict, latent: int = 8) -> torch.Tensor:
     batch = cond["encoder_hidden_states"].shape[0]
     x = torch.randn(batch, model.unet.config.in_channels, latent, latent)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_micro_sd15_loads_exactly(micro_sd15, sd1_tokenizer_dir):
     assert (model.architecture, model.prediction_type) == ("sd1", "epsilon")
     assert model.modelspec_architecture == "stable-diffusion-v1"
     assert model.default_resolution == 512 and model.vae_scaling_factor == pytest.approx(0.18215)
-    assert model.scheduler == ckpt.DEFAULT_SCHEDULER
+    assert model.scheduler == model_base.DEFAULT_SCHEDULER
     assert model.unet.config.block_out_channels == (320,) or list(model.unet.config.block_out_channels) == [320]
     assert model.unet.dtype == torch.float32 and model.text_encoders[0].dtype == torch.float32  # fp16 file upcast
     assert_same_weights(model, micro_sd15)
@@ -146,7 +146,7 @@ def test_diffusers_folder_loads_with_its_own_tokenizer(sd_diffusers_folder, monk
     print(f"diffusers folder: {sd_diffusers_folder.size_mb:.1f} MB, built in {sd_diffusers_folder.seconds:.1f} s")
     model = load_base_model(sd_diffusers_folder.path)
     assert (model.architecture, model.prediction_type) == ("sd1", "epsilon")
-    assert model.scheduler == ckpt.DEFAULT_SCHEDULER
+    assert model.scheduler == model_base.DEFAULT_SCHEDULER
     assert_same_weights(model, sd_diffusers_folder)
     cond = model.encode_text(["a photo of a cat"])
     assert cond["encoder_hidden_states"].shape == (1, 77, 64)
@@ -158,10 +158,10 @@ def test_diffusers_folder_loads_with_its_own_tokenizer(sd_diffusers_folder, monk
 
 def test_tokenizer_saved_by_transformers_5_loads(sd1_tokenizer_dir, tmp_path):
     """transformers 5 ``save_pretrained`` writes tokenizer.json only (no vocab.json / merges.txt)."""
-    original = ckpt.load_clip_tokenizer(sd1_tokenizer_dir)
+    original = tokenizers.load_clip_tokenizer(sd1_tokenizer_dir)
     original.save_pretrained(str(tmp_path))
-    assert not (tmp_path / "vocab.json").exists() and ckpt.is_tokenizer_dir(tmp_path)
-    again = ckpt.load_clip_tokenizer(tmp_path, pad_token="!")
+    assert not (tmp_path / "vocab.json").exists() and tokenizers.is_tokenizer_dir(tmp_path)
+    again = tokenizers.load_clip_tokenizer(tmp_path, pad_token="!")
     prompt = ["a photo of an astronaut riding a horse"]
     ids = again(prompt, padding="max_length", max_length=77).input_ids[0]
     expected = original(prompt, padding="max_length", max_length=77).input_ids[0]
@@ -174,12 +174,13 @@ def test_full_size_unet_config_inferred_from_shapes(arch):
     """The ldm layout of the real full-size UNets (built on the meta device: shapes only) gives their configs."""
     from diffusers import UNet2DConditionModel
 
-    config = ckpt.standard_unet_config(arch)
+    config = single_file.standard_unet_config(arch)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
-    shapes = ckpt.shapes_of(unet_to_ldm(unet))
+    shapes = single_file.shapes_of(unet_to_ldm(unet))
     resolution = {"sd1": 512, "sd2": 768, "sdxl": 1024}[arch]
-    inferred = ckpt.infer_unet_config(shapes, arch, pooled_dim=1280 if arch == "sdxl" else None, resolution=resolution)
+    inferred = single_file.infer_unet_config(shapes, arch, pooled_dim=1280 if arch == "sdxl" else None,
+                                             resolution=resolution)
     assert inferred == config
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     assert round(params, 1) == {"sd1": 859.5, "sd2": 865.9, "sdxl": 2567.5}[arch]
@@ -197,7 +198,7 @@ def test_prediction_type_markers_and_override(small_sd2v, sd1_tokenizer_dir, tmp
     assert load(by_metadata.path).prediction_type == "v_prediction"
 
     unmarked = build_small_sd2v(tmp_path / "plain.safetensors", v_marker=None)
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="trainer.models.single_file"):
         model = load(unmarked.path)
     assert model.prediction_type == "epsilon" and model.default_resolution == 512
     assert "--v_parameterization" in caplog.text and "plain.safetensors" in caplog.text
@@ -341,7 +342,7 @@ def test_tokenizer_found_in_a_comfyui_tree_or_by_env(small_sd2v, sd1_tokenizer_d
     assert load_base_model(inside).tokenizers[0].pad_token == "!"
 
     monkeypatch.setenv("CODI_COMFYUI_DIR", str(tree))
-    assert ckpt.find_comfyui_tokenizer_dir() == tree / "comfy" / "sd1_tokenizer"
+    assert tokenizers.find_comfyui_tokenizer_dir() == tree / "comfy" / "sd1_tokenizer"
     assert load_base_model(small_sd2v.path).architecture == "sd2"
 
 
@@ -357,14 +358,14 @@ def test_separate_vae_in_every_layout(small_sd2v, sd1_tokenizer_dir, tmp_path):
     folder = tmp_path / "vae_folder"
     reference.save_pretrained(str(folder))
     for source in (ldm_file, diffusers_file, folder):
-        vae = ckpt.load_vae(source, architecture="sd2")
+        vae = single_file.load_vae(source, architecture="sd2")
         assert max_abs_diff(vae, reference) == 0, source
     model = load_base_model(small_sd2v.path, tokenizer_path=sd1_tokenizer_dir, vae_path=ldm_file)
     assert max_abs_diff(model.vae, reference) == 0
     not_a_vae = tmp_path / "not_a_vae.safetensors"
     save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 2)}, str(not_a_vae))
     with pytest.raises(CheckpointError, match="not_a_vae.safetensors.*not a VAE.*LoRA"):
-        ckpt.load_vae(not_a_vae)
+        single_file.load_vae(not_a_vae)
 
 
 def test_model_hash_is_sha256_of_the_file(small_sdxl):

@@ -21,7 +21,8 @@ def _pack_import_lines(log: str) -> list[str]:
 
 
 def _pack_failures(log: str) -> list[str]:
-    # ComfyUI's own audio nodes fail to import here on purpose (torchaudio is not installed: it would pull another torch)
+    # ComfyUI's own audio nodes fail to import here on purpose (torchaudio is not installed: it would pull another
+    # torch)
     return [line for line in _pack_import_lines(log) if "IMPORT FAILED" in line or "Cannot import" in line
             or "Error while calling comfy_entrypoint" in line]
 
@@ -34,9 +35,11 @@ def test_inprocess_runs_stock_prompt_and_loads_pack(comfy_base_dir: Path):
         res = env.run_prompt(prompt)
         import comfyui_version, torch, comfy.model_management as mm
         from comfy_config import config_parser
-        cfg = config_parser.extract_node_configuration(env.folder_paths.get_folder_paths("custom_nodes")[0] + "/{PACK_DIRNAME}")
+        pack = env.folder_paths.get_folder_paths("custom_nodes")[0] + "/{PACK_DIRNAME}"
+        cfg = config_parser.extract_node_configuration(pack)
         RESULT = {{
-            "pyproject": [cfg.project.name, cfg.project.version, cfg.tool_comfy.publisher_id, cfg.tool_comfy.display_name],
+            "pyproject": [cfg.project.name, cfg.project.version, cfg.tool_comfy.publisher_id,
+                          cfg.tool_comfy.display_name],
             "run": res,
             "output_dir": env.folder_paths.get_output_directory(),
             "custom_nodes": env.custom_node_results,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ccd_sampler import hints
-from trainer import conditions as C
+from trainer.data import conditions as C
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "chelsea", "coffee")

@@ -1,6 +1,6 @@
-"""Training data (issue #4): sources (folders, paired folders, kohya dataset TOML), geometry (crops, buckets, flips),
-determinism, caches with invalidation, validation split and the errors for bad inputs. Real photos from scikit-image,
-resized small; no model (a tiny fake VAE / text encoder stands in where a cache needs one)."""
+"""Training data (``trainer/data``): sources (folders, paired folders, kohya dataset TOML), geometry (crops, buckets,
+flips), determinism, caches with invalidation, validation split and the errors for bad inputs. Real photos from
+scikit-image, resized small; no model (a tiny fake VAE / text encoder stands in where a cache needs one)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.caching import ConditionCache, LatentCache, TextCache, latent_cache_path
-from trainer.config import parse_args
-from trainer.data import (DataError, DataWarning, EpochBatches, build_datasets, collate,
-                          make_bucket_resolutions)
+from trainer.data.caches import LatentCache, TextCache, latent_cache_path
+from trainer.data.dataset import ConditionCache, EpochBatches, build_datasets, collate, make_bucket_resolutions
+from trainer.data.errors import DataError, DataWarning
+from trainer.training.config import parse_args
+from trainer.training.settings import Settings
 
 
 def _photos() -> dict[str, np.ndarray]:
@@ -56,8 +57,10 @@ def make_folder(root: Path, sizes: dict[str, tuple[int, int]], conditions: bool 
 SQUARE = {"astronaut": (64, 64), "chelsea": (64, 64), "coffee": (64, 64), "rocket": (64, 64)}
 
 
-def args_for(*flags) -> SimpleNamespace:
-    return parse_args(["--pretrained_model_name_or_path", "model.safetensors", *[str(f) for f in flags]])
+def args_for(*flags):
+    """The data settings of a run with these flags."""
+    return Settings.from_args(parse_args(["--pretrained_model_name_or_path", "model.safetensors",
+                                          *[str(f) for f in flags]])).data
 
 
 def cli(root: Path, *flags):
@@ -73,7 +76,7 @@ def test_kohya_toml_as_users_write_it_matches_cli_flags(tmp_path, monkeypatch):
     (root / "photos").symlink_to(root / "images")
     monkeypatch.chdir(tmp_path)  # kohya resolves relative paths from the working directory
     toml = tmp_path / "dataset.toml"
-    # the example of CONVENTIONS.md, literally (paths adapted)
+    # a kohya dataset TOML as kohya documents it, literally (paths adapted)
     toml.write_text(textwrap.dedent("""\
         [general]
         resolution = 64
@@ -83,7 +86,7 @@ def test_kohya_toml_as_users_write_it_matches_cli_flags(tmp_path, monkeypatch):
           [[datasets.subsets]]
           image_dir = "data/photos"
           caption_extension = ".txt"
-          conditioning_data_dir = "data/conditions"   # same basename as the target image; auto-resized; caption optional
+          conditioning_data_dir = "data/conditions"   # same basenames as the targets; auto-resized
           num_repeats = 1
         """))
     from_toml, _ = build_datasets(args_for("--dataset_config", toml), (512, 512))
@@ -344,7 +347,7 @@ class FakeVAE(torch.nn.Module):
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=torch.exp(0.5 * logvar)))
 
 
-@pytest.mark.filterwarnings("ignore:3 of 3 images are smaller:trainer.data.DataWarning")  # the 96 px run
+@pytest.mark.filterwarnings("ignore:3 of 3 images are smaller:trainer.data.errors.DataWarning")  # the 96 px run
 def test_latent_disk_cache_reencodes_only_what_changed(tmp_path):
     root = make_folder(tmp_path, {"astronaut": (64, 64), "chelsea": (64, 64), "coffee": (64, 64)})
     base = SimpleNamespace(vae=FakeVAE(), vae_scaling_factor=0.18215, architecture="sd1")
@@ -352,7 +355,7 @@ def test_latent_disk_cache_reencodes_only_what_changed(tmp_path):
     def cache(*flags):
         args = cli(root, "--cache_latents_to_disk", *flags)
         dataset, _ = build_datasets(args, (64, 64))
-        return LatentCache(dataset, base, args), dataset
+        return LatentCache(dataset, base, seed=args.seed, to_disk=True), dataset
 
     first, dataset = cache()
     assert (first.encoded, first.loaded) == (3, 0)
@@ -361,7 +364,7 @@ def test_latent_disk_cache_reencodes_only_what_changed(tmp_path):
     assert (second.encoded, second.loaded) == (0, 3)
     assert torch.equal(first.get([0, 1, 2]), second.get([0, 1, 2]))
     # the cached latent is what the uncached training path draws
-    from trainer.loop import encode_latents
+    from trainer.data.caches import encode_latents
 
     pixels = torch.stack([dataset[i]["pixel_values"] for i in range(3)])
     assert torch.allclose(encode_latents(base.vae, pixels, [0, 1, 2], 42, 0.18215), second.get([0, 1, 2]),
@@ -385,12 +388,12 @@ def test_latent_cache_flips_and_random_crop(tmp_path):
     args = cli(root, "--cache_latents", "--random_crop")
     dataset, _ = build_datasets(args, (64, 64))
     with pytest.raises(DataError, match="--random_crop cannot be combined with --cache_latents"):
-        LatentCache(dataset, base, args)
+        LatentCache(dataset, base, seed=args.seed)
     args = cli(root, "--cache_latents", "--flip_aug")
     dataset, _ = build_datasets(args, (64, 64))
-    cache = LatentCache(dataset, base, args)
+    cache = LatentCache(dataset, base, seed=args.seed)
     assert cache.encoded == 2 and base.vae.calls == 4  # both views of both images
-    from trainer.loop import encode_latents
+    from trainer.data.caches import encode_latents
 
     for flip in (False, True):
         pixels = torch.stack([dataset.get(i, 0, flip=flip)["pixel_values"] for i in range(2)])
@@ -408,7 +411,7 @@ def test_text_cache_once_per_caption():
 
 
 def test_deterministic_conditions_are_cached_random_ones_are_not(tmp_path):
-    from trainer.conditions import make_condition_builder
+    from trainer.data.conditions import make_condition_builder
 
     root = make_folder(tmp_path, SQUARE, conditions=False)
     calls = []

@@ -1,4 +1,4 @@
-"""``make demo`` (``benchmarks/mini/demo.py``, issue 6): a 4x SR adapter distilled from the committed mini base on the
+"""``make demo`` (``benchmarks/mini/demo.py``): a 4x SR adapter distilled from the committed mini base on the
 bundled photos, with the grid, plot and metrics; an interrupted demo resumes from its last state, a finished one only
 rewrites the report. Tiny settings (2 steps, 16 training crops, 2 test crops), CPU."""
 
@@ -29,7 +29,7 @@ def test_demo_trains_reports_resumes_and_skips(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CODI_DEBUG_NAN_AT_STEP", "2")
     assert demo.main(argv) == 3
     assert not adapter.exists()
-    from trainer.state import latest_step_state
+    from trainer.training.state import latest_step_state
 
     assert latest_step_state(out, demo.OUTPUT_NAME).name == f"{demo.OUTPUT_NAME}-step00000001-state"
     assert len(list((out / "data" / "train").glob("*.png"))) == 16

@@ -1,5 +1,5 @@
-"""The miniature reproduction's base (issue 6): the pretraining script writes a pixel-space "base bundle"
-(``trainer/bundle.py``) that ``load_base_model`` loads and the trainer distills adapters from; the script resumes
+"""The miniature reproduction's base: the pretraining script writes a pixel-space "base bundle"
+(``trainer/models/bundle.py``) that ``load_base_model`` loads and the trainer distills adapters from; the script resumes
 exactly. Tiny step counts, real photos (scikit-image / scikit-learn), CPU."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_fine_tune_to_v_prediction_zero_terminal_snr_and_unit_variance(bundle, t
     """``--init_from`` continues from a bundle's UNet; the new bundle records v-prediction, the rescaled schedule and
     the data scale, and the trainer's base model and schedule follow them (alpha = 0 at t = 999)."""
     import ccd_sampler as cs
-    from trainer.checkpoints import load_base_model
+    from trainer.models import load_base_model
 
     out = tmp_path / "v_zsnr"
     pretrain_base.main(["--steps", "1", "--out", str(out), "--init_from", str(bundle), "--prediction_type",
@@ -80,7 +80,7 @@ def test_fine_tune_to_v_prediction_zero_terminal_snr_and_unit_variance(bundle, t
 
 
 def test_load_base_model_reads_the_bundle(bundle):
-    from trainer.checkpoints import load_base_model, model_hash
+    from trainer.models import load_base_model, model_hash
 
     base = load_base_model(bundle)
     assert (base.architecture, base.prediction_type, base.modelspec_architecture) == \
@@ -96,8 +96,7 @@ def test_load_base_model_reads_the_bundle(bundle):
 
 
 def test_pixel_space_encode_and_cache_are_identity():
-    from trainer.caching import vae_moments
-    from trainer.loop import encode_latents
+    from trainer.data.caches import encode_latents, vae_moments
 
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1
     assert torch.equal(encode_latents(None, pixels, [0, 1], seed=3, scaling_factor=1.0), pixels)
@@ -107,8 +106,8 @@ def test_pixel_space_encode_and_cache_are_identity():
 
 @pytest.mark.parametrize("channels", [(16, 32, 96, 256), (16, 32)])
 def test_pixel_space_adapter_keeps_the_hint_resolution(bundle, channels):
-    from trainer.adapters import adapted_unet_output, build_adapter
-    from trainer.checkpoints import load_base_model
+    from trainer.adapters.controlnet import adapted_unet_output, build_adapter
+    from trainer.models import load_base_model
 
     base = load_base_model(bundle)
     adapter = build_adapter(base.unet, "controlnet", hint_downscale=base.latent_downscale,
@@ -128,7 +127,7 @@ def test_pixel_space_adapter_keeps_the_hint_resolution(bundle, channels):
 
 
 def test_trainer_distills_an_sr_adapter_from_the_bundle(bundle, photos64, tmp_path):
-    from trainer.loop import main as train_main
+    from trainer.training.main import main as train_main
 
     out = tmp_path / "out"
     code = train_main(["--pretrained_model_name_or_path", str(bundle), "--train_data_dir", str(photos64),
@@ -171,8 +170,8 @@ def test_baseline_objectives_diffusion_then_teacher_distillation(bundle, photos6
     recorded as codi.objective = diffusion), then LCM-style distillation of it (``--init_adapter`` +
     ``--teacher_adapter`` + ``--ode_model teacher``). With lr 0 the second run's output must be the first's weights
     exactly, which shows --init_adapter loaded them into the adapter and its EMA."""
-    from trainer.export import load_adapter_file
-    from trainer.loop import main as train_main
+    from trainer.adapters.files import load_adapter_file
+    from trainer.training.main import main as train_main
 
     common = ["--pretrained_model_name_or_path", str(bundle), "--train_data_dir", str(photos64), "--task", "sr",
               "--resolution", "64", "--max_train_steps", "2", "--train_batch_size", "2", "--adapter_type",
@@ -207,7 +206,7 @@ def test_baseline_objectives_diffusion_then_teacher_distillation(bundle, photos6
 
 def test_dry_run_on_the_pixel_space_bundle(bundle, capsys):
     """--dry_run probes activations with hints at the latent size times the base's downscale (1 here, not SD's 8)."""
-    from trainer.loop import main as train_main
+    from trainer.training.main import main as train_main
 
     assert train_main(["--pretrained_model_name_or_path", str(bundle), "--dry_run", "--resolution", "64",
                        "--adapter_type", "controlnet", "--conditioning_embedding_channels", "16,32",

@@ -1,4 +1,4 @@
-"""The miniature reproduction's distribution metric (issue 6): FD-patch / KD-patch in the features of the project's own
+"""The miniature reproduction's distribution metric: FD-patch / KD-patch in the features of the project's own
 ``PatchFeatureNet`` (``benchmarks/mini/features.py``). Closed-form checks of the two distances, a tiny deterministic
 training run, and the committed network (``benchmarks/mini/featnet``): loads, 256-d features, blur moves the metric."""
 

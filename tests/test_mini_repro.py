@@ -1,4 +1,4 @@
-"""The miniature reproduction's runner (``benchmarks/mini/repro.py``, issue 6) is wired end to end: tiny training runs
+"""The miniature reproduction's runner (``benchmarks/mini/repro.py``) is wired end to end: tiny training runs
 through the trainer (with a dependency: the two-stage baseline distills the ControlNet run), resume after an
 interruption, and the evaluation writes the metrics JSON and a grid. Real photos, the committed base, CPU."""
 
@@ -75,9 +75,8 @@ def test_repro_trains_resumes_and_evaluates(tmp_path):
 
 
 def test_colour_probe_splits_the_error_and_finds_where_the_colour_comes_from():
-    import torch
-
     import colour_probe
+    import torch
 
     g = torch.Generator().manual_seed(0)
     targets = torch.rand((16, 3, 8, 8), generator=g)
@@ -87,7 +86,8 @@ def test_colour_probe_splits_the_error_and_finds_where_the_colour_comes_from():
     stats = colour_probe.colour_statistics(targets + offset, targets, noises)
     assert stats["rest_mse"] == pytest.approx(0, abs=1e-6) and stats["colour_share"] == pytest.approx(1, abs=1e-5)
     assert stats["corr_with_noise_mean"] == pytest.approx(1, abs=1e-5)
-    # the target shifted by 0.1: all of the error (0.1^2) is colour, and the colour follows the target's, not the noise's
+    # the target shifted by 0.1: all of the error (0.1^2) is colour, and the colour follows the target's, not the
+    # noise's
     exact = colour_probe.colour_statistics(targets.clone() + 0.1, targets, noises)
     assert exact["corr_with_target_mean"] == pytest.approx(1, abs=1e-5)
     assert exact["colour_share"] == pytest.approx(1, abs=1e-5) and exact["mse"] == pytest.approx(0.01, rel=1e-4)

@@ -1,4 +1,4 @@
-"""Bad inputs to the CoDi nodes in the real ComfyUI 0.3.75 (issue 5 "Show": each a clear node error), and the
+"""Bad inputs to the CoDi nodes in the real ComfyUI 0.3.75 (each a clear node error), and the
 documented behaviour for a hint of another aspect ratio.
 
 ``tests/test_nodes.py`` already covers: steps 0 / 9 typed into CoDiScheduler / CoDiSample (refused by ComfyUI's
@@ -42,8 +42,8 @@ WIDE = (96, 48)    # width x height of the wide hint (aspect 2:1)
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, micro_sd15, comfyui_dir):
     from ccd_sampler.metadata import CoDiMetadata
-    from trainer.adapters import build_adapter
-    from trainer.export import build_metadata, save_adapter
+    from trainer.adapters.controlnet import build_adapter
+    from trainer.adapters.files import build_metadata, save_adapter
 
     base = make_base_dir(tmp_path_factory.mktemp("codi-node-errors") / "base")
     models = base / "models"

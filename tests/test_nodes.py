@@ -1,4 +1,5 @@
-"""The CoDi ComfyUI nodes (issue 5 core) in the real ComfyUI 0.3.75 (layer C), against the pure-torch sampler (D4).
+"""The CoDi ComfyUI nodes in the real ComfyUI 0.3.75 (layer C), against the pure-torch sampler (one source of truth
+for the math, ``docs/decisions.md``).
 
 One module-scoped in-process ComfyUI run executes every graph (start-up and checkpoint loading are paid once):
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -59,10 +59,10 @@ def perturb(params, seed: int, scale: float = 0.02) -> None:
 def codi_files(tmp_path_factory, micro_sd15, sd1_tokenizer_dir, comfyui_dir):
     """A ComfyUI base dir with the micro SD1.5 checkpoint, adapters (ControlNet in models/controlnet, Control-LoRA in
     models/codi), a kohya UNet LoRA, broken/foreign files and a hint image; plus the trainer-side modules."""
-    from trainer.adapters import build_adapter
-    from trainer.checkpoints import load_base_model
-    from trainer.export import build_metadata, save_adapter
-    from trainer.lora import add_unet_lora
+    from trainer.adapters.controlnet import build_adapter
+    from trainer.adapters.files import build_metadata, save_adapter
+    from trainer.adapters.lora import add_unet_lora
+    from trainer.models import load_base_model
 
     base_dir = make_base_dir(tmp_path_factory.mktemp("codi-nodes") / "base")
     models = base_dir / "models"
@@ -404,7 +404,7 @@ def test_sigma_timestep_round_trip_is_exact(comfy_run):
 
 def _pure_torch_latent(codi_files, comfy_run, adapter_key, steps, cfg, mode, seed, with_adapter=True, final="x0"):
     base, adapter = codi_files.adapters[adapter_key]
-    from trainer.adapters import adapted_unet_output
+    from trainer.adapters.controlnet import adapted_unet_output
 
     noise = torch.randn([1, 4, SIZE // 8, SIZE // 8], generator=torch.Generator().manual_seed(seed))
     cond = {"encoder_hidden_states": comfy_run.tensors["pos"], "hint": codi_files.hint}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+
 import tomllib
 
 from harness import REPO_ROOT

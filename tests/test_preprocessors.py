@@ -2,9 +2,10 @@
 
 One in-process ComfyUI run loads small PNGs with the stock LoadImage node (exactly what a workflow feeds the nodes),
 calls each node's ``execute`` and saves the hints; the pytest process builds the same hints with the trainer's
-condition builders (``trainer.conditions``) from the same uint8 pixels and mask. The two sides must be identical (max
-abs difference 0: both call ``ccd_sampler.hints`` on the same float32 values, ``uint8 / 255`` computed in float32 by
-LoadImage and by ``image_to_tensor``). Bad inputs run as real prompts and must fail with a clear node error.
+condition builders (``trainer.data.conditions``) from the same uint8 pixels and mask. The two sides must be
+identical (max abs difference 0: both call ``ccd_sampler.hints`` on the same float32 values, ``uint8 / 255``
+computed in float32 by LoadImage and by ``image_to_tensor``). Bad inputs run as real prompts and must fail with a
+clear node error.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from skimage import data as skdata
 
 from harness import PACK_DIRNAME, make_base_dir, run_inprocess
-from trainer.conditions import CannyCondition, InpaintCondition, SuperResolutionCondition
+from trainer.data.conditions import CannyCondition, InpaintCondition, SuperResolutionCondition
 
 SIZE = 64
 LOW = 16  # the low-res SR input: 16x16 -> 32/64/128
@@ -167,7 +168,7 @@ def _assert_same(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
 
 def test_inputs_reach_the_nodes_as_the_trainer_sees_them(pre_run):
     """LoadImage's float pixels are exactly the trainer's ``uint8 / 255`` (so the comparisons below are fair)."""
-    from trainer.conditions import image_to_tensor
+    from trainer.data.conditions import image_to_tensor
 
     assert torch.equal(pre_run.t["photo_in"][0], image_to_tensor(pre_run.photo)[0].permute(1, 2, 0))
     assert pre_run.inputs_unchanged

@@ -1,4 +1,4 @@
-"""The quality report (issue #4 item 6): metric functions on known inputs, the report end to end on the small SD2
+"""The quality report (``trainer/evaluation``): metric functions on known inputs, the report end to end on the small SD2
 model, and the standalone CLI once on a saved adapter."""
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer import quality as q
-from trainer.quality import EvalPair, edge_f1, evaluate_adapter, masked_psnr, psnr, ssim, write_report
+from trainer.evaluation import evaluate as q
+from trainer.evaluation import report
+from trainer.evaluation.evaluate import EvalPair, evaluate_adapter
+from trainer.evaluation.metrics import canny_edge_detector, edge_f1, masked_psnr, psnr, ssim
+from trainer.evaluation.report import write_report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -130,14 +133,14 @@ def sr_pairs(n: int) -> list[EvalPair]:
 
 @pytest.fixture(scope="module")
 def sd2_base(small_sd2v, sd1_tokenizer_dir):
-    from trainer.checkpoints import load_base_model
+    from trainer.models import load_base_model
 
     return load_base_model(small_sd2v.path, tokenizer_path=sd1_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
 def controlnet_adapter(sd2_base):
-    from trainer.adapters import build_adapter
+    from trainer.adapters.controlnet import build_adapter
 
     torch.manual_seed(0)
     adapter = build_adapter(sd2_base.unet, "controlnet")
@@ -183,7 +186,8 @@ def test_report_end_to_end(sd2_base, controlnet_adapter, tmp_path):
             size = img.size
         if key == "grid":
             # 3 rows x 6 columns (low-res | bicubic | CoDi 1 | CoDi 2 | DDIM 4 | ground truth), 64 px -> 128 px cells
-            assert size == (6 * 128 + 5 * q.GRID_GAP, q.GRID_HEADER + 3 * 128 + 2 * q.GRID_GAP) == q.grid_size(result)
+            expected = (6 * 128 + 5 * report.GRID_GAP, report.GRID_HEADER + 3 * 128 + 2 * report.GRID_GAP)
+            assert size == expected == report.grid_size(result)
     metrics = json.loads(paths["metrics"].read_text())
     assert [r["method"] for r in metrics["rows"]] == methods
     assert metrics["settings"]["grid"] == 50 and metrics["machine"]["torch"] == torch.__version__
@@ -200,7 +204,7 @@ def test_report_inpaint_and_canny_task_metrics(sd2_base, controlnet_adapter, tmp
     assert fill.psnr > fill.task_metric  # outside the hole the mean-fill baseline is exact (capped 100 dB there)
     assert math.isfinite(result.row("CoDi 1 step").task_metric)
 
-    detect, description = q.default_edge_detector(low_threshold=50, high_threshold=150)
+    detect, description = canny_edge_detector(low_threshold=50, high_threshold=150)
     edges = detect(target.unsqueeze(0))[0]
     assert edges.any() and not edges.all()
     canny = [EvalPair(target, edges.float().expand(3, SIZE, SIZE), "edges")]
@@ -208,13 +212,11 @@ def test_report_inpaint_and_canny_task_metrics(sd2_base, controlnet_adapter, tmp
                               edge_kwargs={"low_threshold": 50, "high_threshold": 150, "type": "canny"})
     assert result.task_metric_name == "edge F1" and 0 <= result.row("CoDi 1 step").task_metric <= 1
     assert result.settings["edge_detector"] == description
-    try:
-        from ccd_sampler.hints import canny_hint
-    except ImportError:  # the hint builders are not there: the Sobel fallback, and the report says so
-        assert "fallback" in description
-    else:  # the same Canny as the hint builder, with the adapter's thresholds
-        assert description == "ccd_sampler.hints.canny_hint(low_threshold=50, high_threshold=150)"
-        assert torch.equal(edges, canny_hint(target.unsqueeze(0), 50, 150)[0, 0] > 0.5)
+    from ccd_sampler.hints import canny_hint
+
+    # the same Canny as the hint builder, with the adapter's thresholds
+    assert description == "ccd_sampler.hints.canny_hint(low_threshold=50, high_threshold=150)"
+    assert torch.equal(edges, canny_hint(target.unsqueeze(0), 50, 150)[0, 0] > 0.5)
     paths = write_report(result, tmp_path)
     assert "edge F1 ↑" in paths["report"].read_text()
 
@@ -224,7 +226,7 @@ def test_report_inpaint_and_canny_task_metrics(sd2_base, controlnet_adapter, tmp
 
 def test_cli_end_to_end(small_sd2v, sd1_tokenizer_dir, sd2_base, controlnet_adapter, tmp_path, capsys):
     import ccd_sampler as cs
-    from trainer import export
+    from trainer.adapters import files as export
 
     codi = cs.CoDiMetadata(task="sr", adapter_type="controlnet", distill_grid=50, prediction_type="v_prediction",
                            recommended_steps=2, hint_preprocessing={"type": "sr", "scale": 4})
@@ -257,11 +259,11 @@ def test_cli_end_to_end(small_sd2v, sd1_tokenizer_dir, sd2_base, controlnet_adap
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["adapter_type"] == "controlnet" and metrics["pairs"] == ["photo0", "photo1"]
     with Image.open(out / "grid.png") as img:
-        assert img.size == (5 * 128 + 4 * q.GRID_GAP, q.GRID_HEADER + 2 * 128 + q.GRID_GAP)
+        assert img.size == (5 * 128 + 4 * report.GRID_GAP, report.GRID_HEADER + 2 * 128 + report.GRID_GAP)
     assert (out / "quality_vs_steps.png").stat().st_size > 1000
 
     # a missing adapter file: a one-line error and exit code 2, before the base model is loaded
-    from trainer.quality_report import main
+    from trainer.evaluation.cli import main
 
     bad = cmd[2:5] + [str(tmp_path / "missing.safetensors")] + cmd[6:]
     assert main(bad) == 2

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import ccd_sampler as cs
-from trainer.loop import main as train_main
+from trainer.training.main import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "trainer" / "train.py")
@@ -128,13 +128,14 @@ RESULT = {{"cn": type(cn).__name__, "cl": type(cl).__name__, "model": type(model
 
 
 def test_loss_decreases_on_tiny_overfit(small_sd2v, gray_pairs, tmp_path, sd1_tokenizer_dir, capsys):
-    from trainer.config import parse_args
-    from trainer.loop import train
+    from trainer.training.config import parse_args
+    from trainer.training.loop import train
+    from trainer.training.settings import Settings
 
     args = parse_args(base_args(small_sd2v.path, gray_pairs, tmp_path, sd1_tokenizer_dir, "--max_train_steps", "60",
                                 "--learning_rate", "1e-3", "--adapter_type", "controlnet", "--ema_decay", "0.9"))
     losses = []
-    import trainer.loop as loop
+    import trainer.training.loop as loop
 
     original = cs.codi_loss
 
@@ -145,7 +146,7 @@ def test_loss_decreases_on_tiny_overfit(small_sd2v, gray_pairs, tmp_path, sd1_to
 
     loop.cs.codi_loss = recording
     try:
-        train(args)
+        train(Settings.from_args(args))
     finally:
         loop.cs.codi_loss = original
     first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
@@ -274,7 +275,7 @@ def test_sample_prompts_and_state_files(small_sd2v, gray_pairs, tmp_path, sd1_to
 
 
 def test_config_file_and_output_config(tmp_path):
-    from trainer.config import parse_args
+    from trainer.training.config import parse_args
 
     toml = tmp_path / "codi.toml"
     toml.write_text('[model]\npretrained_model_name_or_path = "m.safetensors"\n[data]\ntrain_data_dir = "x"\n'
@@ -306,7 +307,8 @@ def test_help_and_clear_errors(tmp_path, gray_pairs):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "only.png").write_bytes((gray_pairs / "images" / "chelsea.png").read_bytes())
-    from trainer.data import DataError, collect_paired_items
+    from trainer.data.dataset import collect_paired_items
+    from trainer.data.errors import DataError
 
     with pytest.raises(DataError, match="1 of 1 images have no condition image.*only.png"):
         collect_paired_items(empty, gray_pairs / "conditions")
@@ -366,7 +368,7 @@ def test_quality_report_after_training(small_sd2v, tmp_path, sd1_tokenizer_dir, 
 
 def test_latest_step_state_skips_incomplete_folders(tmp_path):
     """A run killed while saving leaves an incomplete state folder: resuming picks the newest complete one."""
-    from trainer.state import STATE_FILES, latest_step_state
+    from trainer.training.state import STATE_FILES, latest_step_state
 
     assert latest_step_state(tmp_path, "run") is None
     for step, files in ((100, STATE_FILES), (200, STATE_FILES), (300, STATE_FILES[:2])):

@@ -28,12 +28,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
-
-from harness import PACK_DIRNAME, comfy_server, run_inprocess
-from workflow_env import NAMES, OUTPUT_NODE, SIZE, WORKFLOW_DIR, wf_base  # noqa: F401  (wf_base: a fixture)
+from workflow_env import NAMES, OUTPUT_NODE, SIZE, WORKFLOW_DIR
 from workflow_env import load_api as _api
 from workflow_env import load_ui as _ui
 from workflow_env import workflow_models as _models
+
+from harness import PACK_DIRNAME, comfy_server, run_inprocess
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 

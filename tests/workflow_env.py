@@ -86,9 +86,9 @@ def populate_workflow_base(base: Path, checkpoint: Path, tokenizer_dir: Path) ->
     one random-ControlNet test adapter per task with that task's metadata) and their input images into
     ``base/input``."""
     from ccd_sampler.metadata import CoDiMetadata
-    from trainer.adapters import build_adapter
-    from trainer.checkpoints import load_base_model
-    from trainer.export import build_metadata, save_adapter
+    from trainer.adapters.controlnet import build_adapter
+    from trainer.adapters.files import build_metadata, save_adapter
+    from trainer.models import load_base_model
 
     base_model = load_base_model(checkpoint, tokenizer_path=tokenizer_dir)
     adapter = build_adapter(base_model.unet, "controlnet")

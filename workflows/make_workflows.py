@@ -132,16 +132,16 @@ def to_ui(nodes) -> dict:
     order = _order(nodes)
     links, out_links = [], {}
     for n in sorted(nodes, key=lambda n: n["id"]):
-        for slot, (name, type_, src, _) in enumerate(n["inputs"]):
+        for slot, (_name, type_, src, _) in enumerate(n["inputs"]):
             if src:
                 link_id = len(links) + 1
                 links.append([link_id, src[0], src[1], n["id"], slot, type_])
                 out_links.setdefault(src, []).append(link_id)
     ui_nodes = []
-    link_of = {(l[3], l[4]): l[0] for l in links}
+    link_of = {(link[3], link[4]): link[0] for link in links}
     for n in sorted(nodes, key=lambda n: n["id"]):
         inputs = []
-        for slot, (name, type_, src, optional) in enumerate(n["inputs"]):
+        for slot, (name, type_, _src, optional) in enumerate(n["inputs"]):
             entry = {"name": name, "type": type_, "link": link_of.get((n["id"], slot))}
             if optional:
                 entry["shape"] = 7  # the frontend's marker for optional inputs

@@ -10,12 +10,12 @@ Steps:
 1. data: seeded 64x64 crops (``photos.write_crops``) of the base's **train** split (``--train_crops`` 1024, seed
    ``--seed``) and of its held-out **test** split (``--test_crops`` 16, seed ``--seed`` + 1) as PNGs in
    ``<out>/data/train`` and ``<out>/data/test``;
-2. training: ``trainer.loop.main`` with the benchmark's PE-CoDi SR settings (task ``sr`` at scale 4 with the trainer's
-   degradation chain, ControlNet adapter with a 16,32 hint CNN, batch 8, ``--steps`` 300, lr 1e-3, EMA 0.99);
+2. training: ``trainer.training.main.main`` with the benchmark's PE-CoDi SR settings (task ``sr`` at scale 4 with the
+   trainer's degradation chain, ControlNet adapter with a 16,32 hint CNN, batch 8, ``--steps`` 300, lr 1e-3, EMA 0.99);
    a resumable state is saved every ``--save_every`` (50) steps, so an interrupted demo continues from the last
    one. When ``<out>/codi_sr4x_demo.safetensors`` is already there (from a run with the same settings), training is
    skipped;
-3. report (``trainer/quality.py``, the code behind ``train.py --quality_report``): the EMA adapter at 1, 2 and 4 CoDi
+3. report (``trainer/evaluation``, the code behind ``train.py --quality_report``): the EMA adapter at 1, 2 and 4 CoDi
    steps vs bicubic upsampling on the test crops (the trainer's validation pairs, with the degraded low-res image each
    hint was made from, shown in the grid's first column): ``report.md``, ``grid.png``, ``quality_vs_steps.png`` and
    ``metrics.json`` in ``<out>``.
@@ -144,12 +144,13 @@ def eval_pairs(argv: list[str]) -> list:
     import torch
 
     import ccd_sampler.hints as hints
-    from trainer.conditions import image_to_tensor
-    from trainer.config import parse_args as trainer_args
-    from trainer.data import build_datasets
-    from trainer.quality import validation_pairs
+    from trainer.data.conditions import image_to_tensor
+    from trainer.data.dataset import build_datasets
+    from trainer.evaluation.evaluate import validation_pairs
+    from trainer.training.config import parse_args as trainer_args
+    from trainer.training.settings import Settings
 
-    _train, validation = build_datasets(trainer_args(argv), (RESOLUTION, RESOLUTION))
+    _train, validation = build_datasets(Settings.from_args(trainer_args(argv)).data, (RESOLUTION, RESOLUTION))
     pairs = []
     for index, pair in enumerate(validation_pairs(validation)):
         pixels = (pair.target.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
@@ -165,13 +166,15 @@ def eval_pairs(argv: list[str]) -> list:
 def write_demo_report(args, argv: list[str], adapter_path: Path, info: dict) -> tuple[dict, object]:
     import torch
 
-    from trainer.checkpoints import load_base_model
-    from trainer.quality import evaluate_adapter, write_report
-    from trainer.quality_report import load_adapter
+    from trainer.adapters.files import load_adapter
+    from trainer.evaluation.evaluate import evaluate_adapter
+    from trainer.evaluation.report import write_report
+    from trainer.models import load_base_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base_model(BASE)
-    adapter, codi, _ = load_adapter(base, adapter_path)
+    loaded = load_adapter(base, adapter_path)
+    adapter, codi = loaded.adapter, loaded.codi
     base.unet.to(device)
     adapter.to(device)
     pairs = eval_pairs(argv)
@@ -182,6 +185,7 @@ def write_demo_report(args, argv: list[str], adapter_path: Path, info: dict) -> 
                               timestep_scaling=codi.timestep_scaling, seed=args.seed, cfg=codi.recommended_cfg,
                               device=device, progress=False)
     result.settings["adapter_file"] = adapter_path.name
+    result.settings["base_model"] = str(BASE.relative_to(REPO))  # no machine-specific path in the report
     result.settings["demo"] = info
     lines = [f"Adapter `{adapter_path.name}`: PE-CoDi (ControlNet, hint CNN 16,32) distilled for {info['train_steps']} "
              f"steps at batch 8 from the miniature pixel-space base `benchmarks/mini/base` (64x64, pretrained in "
@@ -225,9 +229,8 @@ def main(argv=None) -> int:
         remove_step_saves(args.out)  # left behind when the previous run stopped right after training
         training = "skipped (adapter already trained)"
     else:
-        from trainer.loop import main as train_main
-
-        from trainer.state import latest_step_state
+        from trainer.training.main import main as train_main
+        from trainer.training.state import latest_step_state
 
         state = latest_step_state(args.out, OUTPUT_NAME)
         argv = [*argv_train, *save_argv(args.save_every)]

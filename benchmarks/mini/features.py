@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The distribution metric of the miniature paper reproduction (issue 6): **FD-patch** and **KD-patch**, the Fréchet
+"""The distribution metric of the miniature paper reproduction: **FD-patch** and **KD-patch**, the Fréchet
 distance and the kernel distance between two sets of 64x64 RGB crops, measured in the features of a small network of
 our own (``PatchFeatureNet``) trained on the TRAIN split of the real photos (``photos.py``, ``base/split.json``).
 

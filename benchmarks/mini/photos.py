@@ -3,7 +3,8 @@
 Nothing is downloaded. Images are grouped (the two views of the motorcycle stereo pair are one group) and split into
 train and test **by group** with a seeded permutation: test groups are drawn from the colour photos only; the greyscale
 textures/photos (converted to RGB) only ever train. Every image is kept as a small pyramid (short side 128 and 256
-pixels, Lanczos) from which 64x64 crops are taken, so a crop sees a useful amount of the scene whatever the original size.
+pixels, Lanczos) from which 64x64 crops are taken, so a crop sees a useful amount of the scene whatever the original
+size.
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ def pilot_base(name: str, spec: dict, args) -> Path:
 
 def pilot_controlnet(name: str, spec: dict, base: Path, args, data: dict) -> Path:
     run = {"name": f"{name}_controlnet", "task": "sr", "flags": ["--loss", "diffusion"], "base": base,
-           "steps": args.controlnet_steps or spec["controlnet_steps"], "dir": args.work / "pilots" / name / "controlnet"}
+           "steps": args.controlnet_steps or spec["controlnet_steps"],
+           "dir": args.work / "pilots" / name / "controlnet"}
     targs = argparse.Namespace(work=args.work, batch_size=repro.BATCH_SIZE, learning_rate=repro.LEARNING_RATE,
                                seed=args.seed, save_every=100, threads=args.threads, steps=run["steps"])
     repro.train_run(run, targs, data)
@@ -104,18 +105,18 @@ def pilot_controlnet(name: str, spec: dict, base: Path, args, data: dict) -> Pat
 
 
 def score_pilot(name: str, base_path: Path, adapter_path: Path, args, data: dict, feature_net) -> dict:
+    import colour_probe
     import torch
 
-    import colour_probe
-    from trainer.checkpoints import load_base_model
-    from trainer.quality_report import load_adapter
+    from trainer.adapters.files import load_adapter
+    from trainer.models import load_base_model
 
     torch.set_num_threads(args.threads)
     pairs = repro.evaluation_pairs("sr", data["test"], args.seed)[:args.test_crops]
     targets = torch.stack([p.target.float() for p in pairs])
     noises = repro.starting_noise(args.seed, range(len(pairs)))
     base = load_base_model(base_path)
-    adapter = load_adapter(base, adapter_path)[0]
+    adapter = load_adapter(base, adapter_path).adapter
     rows = {}
     for steps in (int(s) for s in args.eval_steps.split(",")):
         plan = {"steps": steps, "mode": "ode", "boundary": False}
@@ -129,9 +130,8 @@ def score_pilot(name: str, base_path: Path, adapter_path: Path, args, data: dict
 
 
 def bicubic_row(pairs, feature_net) -> dict:
-    import torch
-
     import colour_probe
+    import torch
 
     images = torch.stack(repro.baseline_images(pairs, "sr"))
     targets = torch.stack([p.target.float() for p in pairs])
@@ -157,9 +157,8 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
     import features
+    import torch
 
     torch.set_num_threads(args.threads)
     data_args = argparse.Namespace(work=args.work, train_crops=2048, test_crops=256, seed=args.seed)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Pretrain the miniature pixel-space base diffusion model of the paper reproduction (issue 6) and write it as a CoDi
-base bundle (``trainer/bundle.py``) that the trainer loads like any checkpoint.
+"""Pretrain the miniature pixel-space base diffusion model of the paper reproduction and write it as a CoDi
+base bundle (``trainer/models/bundle.py``) that the trainer loads like any checkpoint.
 
     .venv/bin/python benchmarks/mini/pretrain_base.py                 # defaults: ~1 hour on 2 CPU cores
     .venv/bin/python benchmarks/mini/pretrain_base.py --resume        # continue an interrupted run
@@ -38,10 +38,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
 import numpy as np  # noqa: E402
+import photos  # noqa: E402
 import torch  # noqa: E402
 
 import ccd_sampler as cs  # noqa: E402
-import photos  # noqa: E402
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                 "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": False}
@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     from diffusers import UNet2DConditionModel
     from tqdm.auto import tqdm
 
-    from trainer.bundle import write_bundle
+    from trainer.models.bundle import write_bundle
 
     split = photos.make_split(args.seed, grayscale=not args.no_grayscale)
     images = photos.load_images(split["train"])
@@ -229,13 +229,15 @@ def main(argv=None) -> dict:
     window = max(1, min(100, len(losses) // 10))
     log = {"seed": args.seed, "steps": step, "prediction_type": args.prediction_type,
            "zero_terminal_snr": bool(args.zero_terminal_snr), "data_scale": args.data_scale,
-           "init_from": None if args.init_from is None else args.init_from.name, "batch_size": args.batch_size, "lr": args.lr,
+           "init_from": None if args.init_from is None else args.init_from.name, "batch_size": args.batch_size,
+           "lr": args.lr,
            "warmup_steps": args.warmup_steps, "ema_decay": args.ema_decay, "channels": list(args.channels),
            "parameters": params, "weights_bytes": weights.stat().st_size, "seconds": round(seconds, 1),
            "seconds_per_step_this_run": round(run_seconds / max(1, step - start_step), 4),
            "sample_grid": {"images": args.num_samples, "ddim_steps": args.sample_steps,
                            "seconds": round(sample_seconds, 1)},
-           "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})", "threads": torch.get_num_threads(), "machine": f"{platform.processor() or platform.machine()}, "
+           "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
+           "threads": torch.get_num_threads(), "machine": f"{platform.processor() or platform.machine()}, "
                                                            f"{os.cpu_count()} CPUs", "torch": torch.__version__,
            "loss_first": losses[0] if losses else None,
            "loss_last_window": float(np.mean(losses[-window:])) if losses else None,

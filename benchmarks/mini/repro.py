@@ -1,4 +1,4 @@
-"""Miniature reproduction of the CoDi paper's tables (issue 6): one command trains every method and writes the tables.
+"""Miniature reproduction of the CoDi paper's tables: one command trains every method and writes the tables.
 
     .venv/bin/python benchmarks/mini/repro.py              # train what is missing, evaluate, write the results
     .venv/bin/python benchmarks/mini/repro.py --phase eval # re-score the trained adapters only
@@ -10,13 +10,15 @@ the same adapter (a ControlNet: encoder copy + hint CNN 16,32 + zero convs) with
     controlnet   plain denoising loss (``--loss diffusion``), sampled with DDIM at 50/8/4/2/1 steps
     pe_codi      CoDi, adapter only (the paper's PE-CoDi), 1/2/4 steps
     codi_lora    CoDi, adapter + a jointly trained UNet LoRA (our stand-in for the paper's full CoDi), 1/2/4 steps
-    two_stage    ``controlnet`` then LCM-style consistency distillation of it (``--ode_model teacher``, lambda 0), 4 steps
+    two_stage    ``controlnet`` then LCM-style consistency distillation of it (``--ode_model teacher``, lambda 0),
+                 4 steps
     ablations    CoDi at 4 steps with the one-step ODE from the frozen base, eps-space consistency, per-sample t
 
 Each training run is a ``trainer/train.py`` subprocess that saves its full state every ``--save_every`` steps; a rerun
 skips finished runs and resumes unfinished ones from their last state (an interrupted benchmark loses at most
 ``--save_every`` steps per run). Outputs: ``<work>/runs/<name>/`` (adapters, logs, ``done.json``),
-``<work>/eval/metrics.json``, and with ``--results`` (default ``benchmarks/results``) ``mini_repro_metrics.json``, the tables
+``<work>/eval/metrics.json``, and with ``--results`` (default ``benchmarks/results``) ``mini_repro_metrics.json``, the
+tables
 ``mini_repro_tables.md`` and the PNG grids ``mini_repro_<task>.png``; ``benchmarks/results/mini_repro.md`` quotes
 those tables and reads them against the paper.
 """
@@ -42,6 +44,18 @@ COMMON = ["--resolution", "64", "--adapter_type", "controlnet", "--conditioning_
           "--max_grad_norm", "1.0", "--save_precision", "float"]
 BATCH_SIZE, LEARNING_RATE = 8, 1e-3
 TASK_FLAGS = {"sr": ["--task", "sr", "--sr_scale", "4"], "inpaint": ["--task", "inpaint"]}
+
+
+def portable(obj):
+    """``obj`` with this checkout's absolute paths made relative to the repository (committed results must not
+    depend on the machine they were made on)."""
+    if isinstance(obj, str):
+        return obj.replace(f"{REPO}/", "").replace(str(REPO), ".")
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v) for v in obj]
+    return obj
 
 
 def run_table(tasks) -> list[dict]:
@@ -129,7 +143,7 @@ def train_run(run: dict, args, data: dict[str, Path]) -> dict:
             "--learning_rate", str(args.learning_rate), "--seed", str(args.seed),
             "--save_every_n_steps", str(args.save_every), "--save_state", "--save_last_n_steps", str(args.save_every),
             "--output_dir", str(run_dir), "--output_name", run["name"]]
-    from trainer.state import latest_step_state
+    from trainer.training.state import latest_step_state
 
     state = latest_step_state(run_dir, run["name"])
     if state is not None:
@@ -153,7 +167,7 @@ def train_run(run: dict, args, data: dict[str, Path]) -> dict:
               "steps_this_call": steps_last,
               "seconds_per_step": seconds_last / steps_last if steps_last else None,
               "resumed": state is not None, "command": " ".join(argv[1:])}
-    done.write_text(json.dumps(record, indent=1))
+    done.write_text(json.dumps(portable(record), indent=1))
     return record
 
 
@@ -180,7 +194,7 @@ def train_all(runs: list[dict], args, data) -> None:
 
 def sampling_plans(task: str) -> list[dict]:
     """(method label, run, steps, sampler) rows of the tables, in the paper's order."""
-    plans = [{"method": f"ControlNet (DDIM)", "run": f"{task}_controlnet", "steps": n, "mode": "ode",
+    plans = [{"method": "ControlNet (DDIM)", "run": f"{task}_controlnet", "steps": n, "mode": "ode",
               "boundary": False} for n in (50, 8, 4, 2, 1)]
     plans += [{"method": "Two-stage (ControlNet + LCM)", "run": f"{task}_two_stage", "steps": 4,
                "mode": "consistency", "boundary": True}]
@@ -206,14 +220,13 @@ def sampling_plans(task: str) -> list[dict]:
 def evaluation_pairs(task: str, test_dir: Path, seed: int):
     """Held-out pairs: every test crop with its condition drawn from (validation seed, index) by the trainer's own
     validation dataset (fixed per crop, identical for every method)."""
-    from trainer.config import parse_args as trainer_args
-    from trainer.data import build_datasets
-    from trainer.quality import validation_pairs
+    from trainer.data.dataset import build_datasets
+    from trainer.data.spec import DataSettings
+    from trainer.evaluation.evaluate import validation_pairs
 
-    targs = trainer_args(["--pretrained_model_name_or_path", str(BASE), "--train_data_dir", str(test_dir),
-                          "--validation_data_dir", str(test_dir), *TASK_FLAGS[task], "--resolution", "64",
-                          "--seed", str(seed)])
-    return validation_pairs(build_datasets(targs, (64, 64))[1])
+    settings = DataSettings(train_data_dir=str(test_dir), validation_data_dir=str(test_dir), task=task,
+                            sr_scale=4 if task == "sr" else None, resolution=(64, 64), seed=seed)
+    return validation_pairs(build_datasets(settings, (64, 64))[1])
 
 
 def starting_noise(seed: int, indices):
@@ -227,15 +240,15 @@ def starting_noise(seed: int, indices):
 def load_run(work: Path, run: str | None, base_path: Path = BASE):
     """``(base, adapter)`` of a trained run (``run`` None: the base alone, adapter None), on a fresh base (a UNet LoRA
     is injected into it); None when the run has no adapter yet."""
-    from trainer.checkpoints import load_base_model
-    from trainer.quality_report import load_adapter
+    from trainer.adapters.files import load_adapter
+    from trainer.models import load_base_model
 
     path = None if run is None else work / "runs" / run / f"{run}.safetensors"
     if path is not None and not path.is_file():
         print(f"repro: skipping {run}: {path} not trained", flush=True)
         return None
     base = load_base_model(base_path)
-    return base, None if path is None else load_adapter(base, path)[0]
+    return base, None if path is None else load_adapter(base, path).adapter
 
 
 def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[list, float, int]:
@@ -243,8 +256,8 @@ def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[l
     import torch
 
     import ccd_sampler as cs
-    from trainer.adapters import adapted_unet_output, text_conditioning
-    from trainer.quality import reference_timesteps
+    from trainer.adapters.controlnet import adapted_unet_output, text_conditioning
+    from trainer.evaluation.evaluate import reference_timesteps
 
     timesteps = reference_timesteps(plan["steps"], 50)
     schedule = cs.NoiseSchedule.from_config(base.scheduler)
@@ -286,8 +299,8 @@ def denoising_accuracy(base, adapter, pairs, seed: int, batch: int) -> dict:
     import torch
 
     import ccd_sampler as cs
-    from trainer.adapters import adapted_unet_output, text_conditioning
-    from trainer.quality import psnr
+    from trainer.adapters.controlnet import adapted_unet_output, text_conditioning
+    from trainer.evaluation.metrics import psnr
 
     schedule = cs.NoiseSchedule.from_config(base.scheduler)
     scale = base.vae_scaling_factor
@@ -317,7 +330,7 @@ def denoising_accuracy(base, adapter, pairs, seed: int, batch: int) -> dict:
 def score(images, pairs, task: str, feature_net) -> dict:
     import torch
 
-    from trainer.quality import masked_psnr, psnr, ssim
+    from trainer.evaluation.metrics import masked_psnr, psnr, ssim
 
     pred = torch.stack(images)
     target = torch.stack([p.target.float() for p in pairs])
@@ -333,9 +346,9 @@ def score(images, pairs, task: str, feature_net) -> dict:
 
 
 def baseline_images(pairs, task: str) -> list:
-    from trainer.quality import default_baseline
-
     import torch
+
+    from trainer.evaluation.evaluate import default_baseline
 
     mean_colour = torch.stack([p.target.float().flatten(1).mean(1) for p in pairs]).mean(0)
     return [default_baseline(p, task, mean_colour).float().clamp(0, 1) for p in pairs]
@@ -346,7 +359,8 @@ def evaluate(args, data) -> dict:
 
     sys.path.insert(0, str(HERE))
     import features
-    from trainer.quality import machine_info
+
+    from trainer.evaluation.evaluate import machine_info
 
     torch.set_num_threads(args.eval_threads)
     feature_net = features.load_feature_net(HERE / "featnet" / "feature_net.safetensors")
@@ -419,7 +433,8 @@ def markdown_tables(results: dict) -> str:
             rows = [r for r in data["rows"] if r.get("table", "main") == table]
             if not rows:
                 continue
-            title = name if table == "main" else f"{name}, supplementary: img2img start at t = 420 (not the paper's protocol)"
+            title = (name if table == "main"
+                     else f"{name}, supplementary: img2img start at t = 420 (not the paper's protocol)")
             out.append(f"### {title} ({data['pairs']} held-out crops)\n")
             out.append("| Steps | Method | PSNR ↑ | SSIM ↑ |" + (" PSNR in mask ↑ |" if extra else "")
                        + " FD-patch ↓ | KD-patch ×1000 ↓ | NFE | ms / image |")
@@ -465,9 +480,9 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
         args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / "mini_repro_metrics.json").write_text(json.dumps(results, indent=1))
+        (args.results / "mini_repro_metrics.json").write_text(json.dumps(portable(results), indent=1))
         (args.results / "mini_repro_tables.md").write_text(markdown_tables(results))
-        from trainer.quality import write_image_grid
+        from trainer.evaluation.report import write_image_grid
 
         for task, columns in grids.items():
             rows = [list(images) for images in zip(*columns.values())]

@@ -32,9 +32,10 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BOOT_SCRIPT = Path(__file__).resolve().parent / "_comfy_boot.py"
@@ -178,7 +179,8 @@ class ComfyServer:
             if entry:  # ComfyUI writes the history entry when the prompt is done (success or error)
                 return entry
             if self.process.poll() is not None:
-                raise AssertionError(f"ComfyUI server died (exit {self.process.returncode}); log:\n{self.log()[-20000:]}")
+                raise AssertionError(f"ComfyUI server died (exit {self.process.returncode}); log:\n"
+                                     f"{self.log()[-20000:]}")
             time.sleep(poll)
         raise AssertionError(f"prompt {prompt_id} not done after {timeout} s; log:\n{self.log()[-20000:]}")
 

@@ -3,8 +3,8 @@
 Each builder is called as ``builder(target, rng)`` (``paired``: ``builder(target, rng, condition=...)``) with
 ``target`` an ``HxWx3`` uint8 RGB image (already resized/cropped by the dataset) and ``rng`` a
 :class:`numpy.random.Generator`, and returns a :class:`Condition` with the hint at the target's full resolution. The
-same ``(target, seed)`` always gives the same arrays. Builders are made by name with :func:`make_condition_builder` (``--task`` / the dataset TOML's
-``condition = "..."``)::
+same ``(target, seed)`` always gives the same arrays. Builders are made by name with :func:`make_condition_builder`
+(``--task`` / the dataset TOML's ``condition = "..."``)::
 
     builder = make_condition_builder("sr", scale=4)            # or sr_scale=4, as the dataset TOML spells it
     cond = builder(target, np.random.default_rng(seed))      # cond.hint: HxWx3 float32, cond.mask: None
@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ccd_sampler import hints
+from trainer.data.images import to_tensor01
 
 __all__ = [
     "BlurCondition", "CannyCondition", "Condition", "ConditionBuilder", "CONDITION_BUILDERS", "GrayCondition",
@@ -94,7 +95,7 @@ def check_image(image, name: str = "target") -> np.ndarray:
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """``HxWx3`` uint8 -> float32 tensor ``[1, 3, H, W]`` in [0, 1] (the :mod:`ccd_sampler.hints` layout)."""
     check_image(image, "image")
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).to(torch.float32) / 255.0
+    return to_tensor01(image).unsqueeze(0)
 
 
 def tensor_to_hint(tensor: torch.Tensor) -> np.ndarray:

@@ -19,7 +19,7 @@ ComfyUI's ``comfy.lora.model_lora_keys_unet`` maps for SD1.x/SD2.x/SDXL (via ``c
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

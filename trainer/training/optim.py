@@ -6,6 +6,8 @@ import ast
 
 import torch
 
+from trainer.errors import CodiError
+
 
 def parse_optimizer_args(pairs: list[str]) -> dict:
     """``["weight_decay=0.01", "betas=0.9,0.99"]`` -> ``{"weight_decay": 0.01, "betas": (0.9, 0.99)}``."""
@@ -32,7 +34,7 @@ def build_optimizer(name: str, params, lr: float, extra: dict | None = None) -> 
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise SystemExit(f"--optimizer_type {name} needs bitsandbytes: pip install bitsandbytes") from None
+            raise CodiError(f"--optimizer_type {name} needs bitsandbytes: pip install bitsandbytes") from None
         cls = {"AdamW8bit": bnb.optim.AdamW8bit, "PagedAdamW8bit": bnb.optim.PagedAdamW8bit,
                "Lion8bit": bnb.optim.Lion8bit, "Lion": bnb.optim.Lion}[name]
         return cls(params, lr=lr, **extra)

@@ -1,5 +1,5 @@
-"""Trainer configuration: kohya sd-scripts flag names (diffusers names as aliases), a TOML `--config_file` and
-`--output_config`.
+"""Trainer flags: kohya sd-scripts names (diffusers names as aliases), a TOML ``--config_file`` and
+``--output_config``. Imports nothing heavy, so ``train.py --help`` answers at once.
 
 Precedence: built-in defaults < values from `--config_file` < flags given on the command line.
 """
@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Lion", "Adafactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -22,23 +23,7 @@ def _bool_flag(group, name, help_text, **kw):
     group.add_argument(name, action="store_true", help=help_text, **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train.py",
-        description=(
-            "Distill a CoDi (Conditional Diffusion Distillation) adapter from your own Stable Diffusion checkpoint so "
-            "that the checkpoint + adapter produce the conditional result in 1-4 steps. Flags follow kohya sd-scripts; "
-            "every flag can also come from a TOML file given with --config_file."
-        ),
-        epilog=(
-            "example:\n  python trainer/train.py --pretrained_model_name_or_path model.safetensors \\\n"
-            "      --train_data_dir photos --conditioning_data_dir hints --resolution 512 \\\n"
-            "      --adapter_type control-lora --optimizer_type AdamW8bit --max_train_steps 2000 --output_dir out\n"
-            "  accelerate launch trainer/train.py --config_file codi.toml"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    g = p.add_argument_group("configuration")
+def _configuration_flags(g) -> None:
     g.add_argument("--config_file", type=str, help="TOML file with any of these flags (flag names as keys)")
     g.add_argument("--output_config", nargs="?", const="", default=None, metavar="PATH",
                    help="write the effective configuration as TOML (to PATH, or <output_dir>/<output_name>.toml) "
@@ -47,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build models, adapter and optimizer, print parameter counts and the predicted memory, "
                         "run no step")
 
-    g = p.add_argument_group("model")
+
+def _model_flags(g) -> None:
     g.add_argument("--pretrained_model_name_or_path", type=str,
                    help="base checkpoint: single file (.safetensors, or .ckpt loaded with weights_only) or a "
                         "diffusers folder")
@@ -59,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer_path", type=str,
                    help="folder with the CLIP tokenizer (vocab.json, merges.txt) for single-file checkpoints")
 
-    g = p.add_argument_group("data")
+
+def _data_flags(g) -> None:
     g.add_argument("--train_data_dir", type=str, help="folder of target images (+ captions)")
     g.add_argument("--conditioning_data_dir", type=str,
                    help="folder of condition images with the same basenames as the targets")
@@ -95,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--condition_args", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more options of the generated condition, e.g. jpeg_quality=30")
 
-    g = p.add_argument_group("memory")
+
+def _memory_flags(g) -> None:
     _bool_flag(g, "--gradient_checkpointing", "recompute activations in the backward pass (adapter and base UNet)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     _bool_flag(g, "--cache_latents", "encode the images with the VAE once, before training")
@@ -107,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "--xformers", "xformers attention (if installed)")
     _bool_flag(g, "--lowram", "load the checkpoint straight to the GPU instead of RAM")
 
-    g = p.add_argument_group("optimizer")
+
+def _optimizer_flags(g) -> None:
     g.add_argument("--optimizer_type", choices=OPTIMIZERS, default="AdamW")
     g.add_argument("--optimizer_args", nargs="*", default=[], metavar="KEY=VALUE",
                    help='extra optimizer arguments, e.g. weight_decay=0.01 "betas=0.9,0.99"')
@@ -117,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip (0 disables)")
 
-    g = p.add_argument_group("length and precision")
+
+def _length_flags(g) -> None:
     g.add_argument("--max_train_steps", type=int, default=1600)
     g.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
     g.add_argument("--train_batch_size", type=int, default=1)
@@ -126,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_precision", choices=("float", "fp16", "bf16"), default="fp16",
                    help="dtype of the saved adapter")
 
-    g = p.add_argument_group("saving")
+
+def _saving_flags(g) -> None:
     g.add_argument("--output_dir", type=str, default="outputs")
     g.add_argument("--output_name", type=str, default="codi_adapter")
     g.add_argument("--save_model_as", choices=("safetensors",), default="safetensors")
@@ -139,12 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key layout of a `controlnet` adapter file: ldm (ComfyUI/A1111/Forge read any size) or "
                         "diffusers (ControlNetModel)")
 
-    g = p.add_argument_group("resume")
+
+def _resume_flags(g) -> None:
     _bool_flag(g, "--save_state", "also save the full training state with every save (for --resume)")
     _bool_flag(g, "--save_state_on_train_end", "save the full training state at the end")
     g.add_argument("--resume", type=str, default=None, help="a saved state folder to continue from")
 
-    g = p.add_argument_group("samples")
+
+def _sample_flags(g) -> None:
     g.add_argument("--sample_prompts", type=str,
                    help="prompt file: one prompt per line with --n negative, --w/--h size, --d seed, --s steps, "
                         "--l cfg, --cn condition image")
@@ -152,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "--sample_at_first", "sample before the first step")
     g.add_argument("--sample_sampler", choices=("ode", "consistency"), default="ode")
 
-    g = p.add_argument_group("quality report")
+
+def _quality_report_flags(g) -> None:
     _bool_flag(g, "--quality_report", "after training, score the adapter on the validation pairs (PSNR, SSIM, task "
                                       "metric at --quality_report_steps vs the trivial baseline): report.md, a "
                                       "quality-vs-steps plot and an image grid in <output_dir>/<output_name>-report")
@@ -161,12 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also sample the same adapter with plain DDIM at this many steps (e.g. 50)")
     g.add_argument("--quality_max_pairs", type=int, default=16, help="validation pairs scored at most")
 
-    g = p.add_argument_group("logging")
+
+def _logging_flags(g) -> None:
     g.add_argument("--log_with", choices=("tensorboard", "wandb", "all"), default=None)
     g.add_argument("--logging_dir", type=str, default=None)
     g.add_argument("--log_prefix", type=str, default=None)
 
-    g = p.add_argument_group("adapter (CoDi)")
+
+def _adapter_flags(g) -> None:
     g.add_argument("--adapter_type", choices=("controlnet", "control-lora"), default=None,
                    help="controlnet (full encoder copy, the paper's PE-CoDi) or control-lora (LoRA on the frozen "
                         "encoder copy; default for SDXL)")
@@ -177,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conditioning_embedding_channels", type=str, default="16,32,96,256",
                    help="hint CNN channels (ComfyUI requires 16,32,96,256)")
 
-    g = p.add_argument_group("CoDi distillation")
+
+def _distillation_flags(g) -> None:
     g.add_argument("--loss", choices=("codi", "diffusion"), default="codi",
                    help="codi: conditional diffusion distillation (1-4 step sampling); diffusion: the plain denoising "
                         "loss of an ordinary ControlNet fine-tune (sample it with many steps; a baseline)")
@@ -205,6 +202,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shared_timestep", choices=("true", "false"), default="true",
                    help="one t for the whole batch (the paper's choice) or one per sample")
     g.add_argument("--recommended_steps", type=int, default=4, help="stored in metadata for the nodes")
+
+
+# --help lists the flags in these groups, in this order
+GROUPS = (("configuration", _configuration_flags), ("model", _model_flags), ("data", _data_flags),
+          ("memory", _memory_flags), ("optimizer", _optimizer_flags), ("length and precision", _length_flags),
+          ("saving", _saving_flags), ("resume", _resume_flags), ("samples", _sample_flags),
+          ("quality report", _quality_report_flags), ("logging", _logging_flags), ("adapter (CoDi)", _adapter_flags),
+          ("CoDi distillation", _distillation_flags))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description=(
+            "Distill a CoDi (Conditional Diffusion Distillation) adapter from your own Stable Diffusion checkpoint so "
+            "that the checkpoint + adapter produce the conditional result in 1-4 steps. Flags follow kohya sd-scripts; "
+            "every flag can also come from a TOML file given with --config_file."
+        ),
+        epilog=(
+            "example:\n  python trainer/train.py --pretrained_model_name_or_path model.safetensors \\\n"
+            "      --train_data_dir photos --conditioning_data_dir hints --resolution 512 \\\n"
+            "      --adapter_type control-lora --optimizer_type AdamW8bit --max_train_steps 2000 --output_dir out\n"
+            "  accelerate launch trainer/train.py --config_file codi.toml"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for title, add in GROUPS:
+        add(p.add_argument_group(title))
     return p
 
 

@@ -26,15 +26,17 @@ Several ``[[datasets]]`` (each with its own resolution, buckets and batch size) 
 datasets. Relative paths are taken from the current directory (as kohya does), else from the TOML's folder.
 
 Unknown keys, and kohya keys this trainer does not implement (``shuffle_caption``, ``color_aug``, ...), give a
-:class:`~trainer.data.DataWarning` naming them; they are not errors, so a kohya TOML loads unchanged.
+:class:`~trainer.data.errors.DataWarning` naming them; they are not errors, so a kohya TOML loads unchanged.
 """
 
 from __future__ import annotations
 
-import tomllib
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
+
+from trainer.data.errors import DataError, warn
 
 GENERATED_CONDITIONS = ("sr", "inpaint", "canny", "gray", "blur", "jpeg")
 
@@ -59,8 +61,41 @@ DEFAULTS = {"caption_extension": ".caption", "default_caption": "", "num_repeats
             "max_bucket_reso": None, "bucket_reso_steps": 64, "validation_split": 0.0, "validation_seed": None}
 
 
-class DatasetConfigError(ValueError):
-    pass
+class DatasetConfigError(DataError):
+    """A dataset TOML (or the flags that stand for one) that cannot be used."""
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What the data layer needs from the command line (flag names; see ``train.py --help``). A dataset TOML
+    overrides the dataset and subset values; these are its fallbacks."""
+
+    train_data_dir: str | None = None
+    conditioning_data_dir: str | None = None
+    dataset_config: str | None = None
+    resolution: tuple[int, int] | None = None
+    caption_extension: str = ".caption"
+    default_caption: str = ""
+    enable_bucket: bool = False
+    flip_aug: bool = False
+    dataset_repeats: int = 1
+    task: str = "paired"
+    random_crop: bool = False
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+    bucket_reso_steps: int = 64
+    skip_missing: bool = False
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    validation_data_dir: str | None = None
+    validation_conditioning_data_dir: str | None = None
+    sr_scale: int | None = None
+    canny_low: int | None = None
+    canny_high: int | None = None
+    condition_args: tuple[str, ...] = ()
+    train_batch_size: int = 1
+    seed: int = 42
+    cache_conditions: bool = False  # keep deterministic generated conditions in memory (with cached latents)
 
 
 @dataclass
@@ -91,9 +126,7 @@ class DatasetSpec:
 
 
 def _warn(message: str) -> None:
-    from trainer.data import DataWarning
-
-    warnings.warn(message, DataWarning, stacklevel=3)
+    warn(message, stacklevel=3)
 
 
 def parse_resolution(value, where: str) -> tuple[int, int]:
@@ -106,14 +139,14 @@ def parse_resolution(value, where: str) -> tuple[int, int]:
     return parts[0], parts[-1]
 
 
-def condition_options_from_args(args) -> dict:
+def condition_options_from_settings(settings: DataSettings) -> dict:
     """Condition options given on the command line: ``--sr_scale``, ``--canny_low/high``, ``--condition_args K=V``."""
     options = {}
     for name in CLI_CONDITION_FLAGS:
-        value = getattr(args, name, None)
+        value = getattr(settings, name)
         if value is not None:
             options[name] = value
-    for pair in getattr(args, "condition_args", None) or []:
+    for pair in settings.condition_args:
         key, eq, value = str(pair).partition("=")
         if not eq:
             raise DatasetConfigError(f"--condition_args expects KEY=VALUE, got {pair!r}")
@@ -168,38 +201,36 @@ def _filter_options(condition: str, options: dict, where: str) -> dict:
     return kept
 
 
-def specs_from_args(args, resolution) -> list[DatasetSpec]:
+def _cli_fallbacks(settings: DataSettings, resolution) -> dict:
+    """Dataset and subset values as the flags give them (a dataset TOML's fallbacks)."""
+    return {"resolution": settings.resolution or resolution, "batch_size": settings.train_batch_size,
+            "enable_bucket": bool(settings.enable_bucket), "min_bucket_reso": settings.min_bucket_reso,
+            "max_bucket_reso": settings.max_bucket_reso, "bucket_reso_steps": settings.bucket_reso_steps or 64,
+            "validation_split": settings.validation_split or 0.0, "validation_seed": settings.validation_seed,
+            "caption_extension": settings.caption_extension, "default_caption": settings.default_caption or "",
+            "num_repeats": settings.dataset_repeats, "flip_aug": bool(settings.flip_aug),
+            "random_crop": bool(settings.random_crop)}
+
+
+def specs_from_settings(settings: DataSettings, resolution) -> list[DatasetSpec]:
     """The one dataset the command-line flags describe."""
-    if not args.train_data_dir:
+    if not settings.train_data_dir:
         raise DatasetConfigError("give the training images with --train_data_dir (or --dataset_config)")
     where = "--train_data_dir"
-    condition = _condition_for(args.conditioning_data_dir, None, args.task, where)
+    condition = _condition_for(settings.conditioning_data_dir, None, settings.task, where)
+    values = _cli_fallbacks(settings, resolution)
     subset = SubsetSpec(
-        image_dir=Path(args.train_data_dir),
-        conditioning_data_dir=Path(args.conditioning_data_dir) if args.conditioning_data_dir else None,
-        condition=condition, condition_options=_filter_options(condition, condition_options_from_args(args), where),
-        caption_extension=args.caption_extension, default_caption=args.default_caption or "",
-        num_repeats=args.dataset_repeats, flip_aug=bool(args.flip_aug),
-        random_crop=bool(getattr(args, "random_crop", False)), name=where)
-    return [DatasetSpec(resolution=tuple(args.resolution or resolution), batch_size=args.train_batch_size,
-                        subsets=[subset], enable_bucket=bool(args.enable_bucket),
-                        min_bucket_reso=getattr(args, "min_bucket_reso", None),
-                        max_bucket_reso=getattr(args, "max_bucket_reso", None),
-                        bucket_reso_steps=getattr(args, "bucket_reso_steps", None) or 64,
-                        validation_split=getattr(args, "validation_split", 0.0) or 0.0,
-                        validation_seed=getattr(args, "validation_seed", None))]
-
-
-def _cli_fallbacks(args, resolution) -> dict:
-    return {"resolution": args.resolution or resolution, "batch_size": args.train_batch_size,
-            "enable_bucket": bool(args.enable_bucket), "min_bucket_reso": getattr(args, "min_bucket_reso", None),
-            "max_bucket_reso": getattr(args, "max_bucket_reso", None),
-            "bucket_reso_steps": getattr(args, "bucket_reso_steps", None) or 64,
-            "validation_split": getattr(args, "validation_split", 0.0) or 0.0,
-            "validation_seed": getattr(args, "validation_seed", None),
-            "caption_extension": args.caption_extension, "default_caption": args.default_caption or "",
-            "num_repeats": args.dataset_repeats, "flip_aug": bool(args.flip_aug),
-            "random_crop": bool(getattr(args, "random_crop", False))}
+        image_dir=Path(settings.train_data_dir),
+        conditioning_data_dir=Path(settings.conditioning_data_dir) if settings.conditioning_data_dir else None,
+        condition=condition,
+        condition_options=_filter_options(condition, condition_options_from_settings(settings), where),
+        caption_extension=values["caption_extension"], default_caption=values["default_caption"],
+        num_repeats=values["num_repeats"], flip_aug=values["flip_aug"], random_crop=values["random_crop"],
+        name=where)
+    return [DatasetSpec(resolution=tuple(values["resolution"]), batch_size=values["batch_size"], subsets=[subset],
+                        enable_bucket=values["enable_bucket"], min_bucket_reso=values["min_bucket_reso"],
+                        max_bucket_reso=values["max_bucket_reso"], bucket_reso_steps=values["bucket_reso_steps"],
+                        validation_split=values["validation_split"], validation_seed=values["validation_seed"])]
 
 
 def _check_keys(table: dict, allowed: set, where: str) -> None:
@@ -220,7 +251,7 @@ def _resolve_path(value, config_dir: Path) -> Path:
     return config_dir / path
 
 
-def load_dataset_config(path, args, resolution) -> list[DatasetSpec]:
+def load_dataset_config(path, settings: DataSettings, resolution) -> list[DatasetSpec]:
     """Read a kohya dataset TOML into dataset specs (see the module docstring for the rules)."""
     path = Path(path)
     try:
@@ -241,8 +272,8 @@ def load_dataset_config(path, args, resolution) -> list[DatasetSpec]:
     datasets = data.get("datasets") or []
     if not isinstance(datasets, list) or not datasets:
         raise DatasetConfigError(f"{path}: no [[datasets]] (each with [[datasets.subsets]] naming an image_dir)")
-    fallback = _cli_fallbacks(args, resolution)
-    cli_options = condition_options_from_args(args)
+    fallback = _cli_fallbacks(settings, resolution)
+    cli_options = condition_options_from_settings(settings)
     specs = []
     for d_number, dataset in enumerate(datasets, 1):
         d_where = f"{path} [[datasets]] #{d_number}"
@@ -268,7 +299,7 @@ def load_dataset_config(path, args, resolution) -> list[DatasetSpec]:
             if "image_dir" not in subset:
                 raise DatasetConfigError(f"{where}: image_dir is missing")
             cond_dir = subset.get("conditioning_data_dir")
-            condition = _condition_for(cond_dir, value("condition"), args.task, where)
+            condition = _condition_for(cond_dir, value("condition"), settings.task, where)
             options = dict(cli_options)
             for table in (general, dataset, subset):  # later tables override
                 options.update({k: v for k, v in table.items() if k.startswith(CONDITION_PREFIXES)})

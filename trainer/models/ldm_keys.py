@@ -26,7 +26,7 @@ ControlNet: controlnet_cond_embedding.conv_in / blocks.k / conv_out -> input_hin
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -63,8 +63,8 @@ def _has_attention(block_type: str) -> bool:
 
 
 def _add_resnet(table: dict[str, str], diffusers_prefix: str, ldm_prefix: str) -> None:
-    for d, l in RESNET_RENAMES.items():
-        table[f"{diffusers_prefix}.{d}"] = f"{ldm_prefix}.{l}"
+    for diffusers_name, ldm_name in RESNET_RENAMES.items():
+        table[f"{diffusers_prefix}.{diffusers_name}"] = f"{ldm_prefix}.{ldm_name}"
 
 
 def _encoder_table(config) -> dict[str, str]:

@@ -4,9 +4,9 @@ Sources, all producing the same :class:`ImageItem` list and the same sample dict
 
 - a folder of images (``--train_data_dir``) with captions beside them (``<stem><caption_extension>``, kohya default
   ``.caption``; ``.txt``/``.caption`` are also read) and a **generated** condition (``--task sr|inpaint|canny|gray|
-  blur|jpeg``, computed on the fly from the *cropped* target by ``trainer.conditions.make_condition_builder``);
+  blur|jpeg``, computed on the fly from the *cropped* target by ``trainer.data.conditions.make_condition_builder``);
 - **paired** folders (``--conditioning_data_dir``: condition images with the target's basename, any image extension);
-- a kohya dataset TOML (``--dataset_config``, see :mod:`trainer.dataset_config`), several datasets included.
+- a kohya dataset TOML (``--dataset_config``, see :mod:`trainer.data.spec`), several datasets included.
 
 Geometry: the target is resized (Lanczos) to cover its training size, then center-cropped (default) or randomly
 cropped (``--random_crop``). The training size is ``--resolution``, or with ``--enable_bucket`` the kohya bucket with
@@ -27,31 +27,20 @@ Sample dict: ``{"pixel_values": [3,H,W] in [-1,1], "hint": [3,H,W] float (range 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from trainer.dataset_config import (GENERATED_CONDITIONS, DatasetConfigError, DatasetSpec, SubsetSpec,
-                                    load_dataset_config, specs_from_args)
+from trainer.data.conditions import make_condition_builder
+from trainer.data.errors import DataError, warn
+from trainer.data.images import (IMAGE_EXTENSIONS, cover_size, image_size, images_in, load_condition_image, load_rgb,
+                                 read_caption, to_tensor01)
+from trainer.data.spec import DatasetSpec, DataSettings, SubsetSpec, load_dataset_config, specs_from_settings
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ASPECT_TOLERANCE = 0.01  # condition vs target aspect ratio
-
-
-class DataError(ValueError):
-    """The training data is missing, unreadable or inconsistent."""
-
-
-class DataWarning(UserWarning):
-    """Something in the training data the user should know about (skipped files, upscaled images, ignored keys)."""
-
-
-def warn(message: str) -> None:
-    warnings.warn(message, DataWarning, stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -72,57 +61,6 @@ def _shown(names: list[str], limit: int = 10) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-def read_caption(image_path: Path, caption_extension: str, default: str = "") -> str:
-    """The caption beside an image: ``<stem><caption_extension>``, else ``<stem>.txt`` / ``<stem>.caption``."""
-    for ext in (caption_extension, ".txt", ".caption"):
-        if not ext:
-            continue
-        path = image_path.with_suffix(ext if ext.startswith(".") else "." + ext)
-        if path.is_file():
-            return path.read_text(encoding="utf-8").strip()
-    return default
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the file header; a file that is not an image is a :class:`DataError` naming it."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
-
-
-def load_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
-
-
-def load_condition_image(path: Path, size, box) -> np.ndarray:
-    """A paired condition image resized to ``size`` and cropped to ``box``, as ``HxWx3`` float32 in [0, 1]: 8-bit
-    images /255 (Lanczos, like the target); 16-bit greyscale PNGs (depth maps) /65535 (OpenCV Lanczos, no clipping to
-    8 bits); grey is replicated to 3 channels."""
-    try:
-        with Image.open(path) as img:
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                import cv2
-
-                array = np.asarray(img, dtype=np.float32) / 65535.0
-                array = np.clip(cv2.resize(array, tuple(size), interpolation=cv2.INTER_LANCZOS4), 0.0, 1.0)
-                left, top, right, bottom = box
-                return np.repeat(array[top:bottom, left:right, None], 3, axis=2)
-            rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
-    return np.asarray(rgb.resize(tuple(size), Image.LANCZOS).crop(box), dtype=np.float32) / 255.0
-
-
 def _options_tuple(options: dict) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
 
@@ -134,7 +72,7 @@ def collect_items(subset: SubsetSpec, dataset: int = 0, skip_missing: bool = Fal
     label = subset.name if subset.name.startswith("--") else f"image_dir of {subset.name}"
     if not image_dir.is_dir():
         raise DataError(f"{label}: {image_dir} is not a folder")
-    images = _images_in(image_dir)
+    images = images_in(image_dir)
     if not images:
         raise DataError(f"{label}: {image_dir} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
     by_stem: dict[str, Path] = {}
@@ -145,7 +83,7 @@ def collect_items(subset: SubsetSpec, dataset: int = 0, skip_missing: bool = Fal
         if not cond_dir.is_dir():
             raise DataError(f"conditioning_data_dir {cond_dir} is not a folder")
         duplicates = []
-        for p in _images_in(cond_dir):
+        for p in images_in(cond_dir):
             if p.stem in by_stem:
                 duplicates.append(f"{by_stem[p.stem].name}/{p.name}")
             by_stem[p.stem] = p
@@ -231,27 +169,6 @@ def select_bucket(size, buckets) -> tuple[int, int]:
     return min(buckets, key=lambda b: abs(b[0] / b[1] - aspect))
 
 
-def cover_size(size, target) -> tuple[int, int]:
-    """The size that covers ``target`` with the aspect ratio of ``size`` (kohya's rounding)."""
-    (w, h), (tw, th) = size, target
-    if w / h > tw / th:
-        return max(tw, int(w * th / h + 0.5)), th
-    return tw, max(th, int(h * tw / w + 0.5))
-
-
-def resize_center_crop(img: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale so the image covers ``width x height`` (Lanczos), then crop the centre."""
-    new_size = cover_size(img.size, (width, height))
-    img = img.resize(new_size, Image.LANCZOS)
-    left, top = (img.width - width) // 2, (img.height - height) // 2
-    return img.crop((left, top, left + width, top + height))
-
-
-def to_tensor01(img) -> torch.Tensor:
-    array = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
-
-
 def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
     """The generator for one random decision (stream 0: crop, 1: flip, 2: condition) of item ``index`` in ``epoch``:
     a pure function of its arguments."""
@@ -261,14 +178,45 @@ def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Gene
 # ------------------------------------------------------------------------------------------------------ dataset
 
 
+class ConditionCache:
+    """Generated conditions that do not change between epochs (deterministic builders at a fixed crop), kept in
+    memory after their first computation (before any flip). ``computed`` counts the stores."""
+
+    def __init__(self):
+        self.entries: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.computed = 0
+
+    def lookup(self, index: int):
+        entry = self.entries.get(index)
+        if entry is None:
+            return None
+        return tuple(None if a is None else (a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a)
+                     for a in entry)
+
+    def store(self, index: int, hint, mask) -> None:
+        self.entries[index] = (_compact(hint), None if mask is None else _compact(mask))
+        self.computed += 1
+
+
+def _compact(array) -> np.ndarray:
+    """uint8 when the values are exactly k/255 (gray, canny, masks: 4x less memory), else float32."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.min(initial=0.0) >= 0.0 and array.max(initial=0.0) <= 1.0:
+        packed = np.round(array * 255.0).astype(np.uint8)
+        if np.array_equal(packed.astype(np.float32) / 255.0, array):
+            return packed
+    return array.copy()
+
+
+
 class ControlDataset(torch.utils.data.Dataset):
     """Loads items as sample dicts (see the module docstring). ``dataset[i]`` uses the epoch set by
     :meth:`set_epoch`; :meth:`get` takes it explicitly.
 
     ``specs`` gives each item's dataset settings (resolution, buckets, batch size) by ``item.dataset``; without it,
     every item is trained at ``resolution``. ``builder_factory(task, **options)`` makes the generated-condition
-    builders (default: ``trainer.conditions.make_condition_builder``). ``condition_cache`` (a
-    :class:`trainer.caching.ConditionCache`) keeps deterministic conditions after their first computation.
+    builders (default: ``trainer.data.conditions.make_condition_builder``). ``condition_cache`` (a
+    :class:`ConditionCache`) keeps deterministic conditions after their first computation.
     """
 
     def __init__(self, items: list[ImageItem], resolution: tuple[int, int], flip_aug: bool | None = None,
@@ -356,9 +304,7 @@ class ControlDataset(torch.utils.data.Dataset):
     def builder(self, item: ImageItem):
         key = (item.condition, item.condition_options)
         if key not in self._builders:
-            factory = self.builder_factory
-            if factory is None:
-                from trainer.conditions import make_condition_builder as factory
+            factory = self.builder_factory or make_condition_builder
             try:
                 self._builders[key] = factory(item.condition, **dict(item.condition_options))
             except (TypeError, ValueError) as exc:
@@ -423,9 +369,6 @@ class ControlDataset(torch.utils.data.Dataset):
         sizes = ", ".join(f"{w}x{h}: {n}" for (_, w, h), n in sorted(groups.items()))
         return (f"{'validation' if self.validation else 'training'} data: {len(self)} images ({repeats} with repeats), "
                 f"condition {', '.join(kinds)}, {len(self.specs)} dataset(s); sizes {sizes}")
-
-
-PairedImageDataset = ControlDataset  # the original name
 
 
 def _as_hint(hint, item: ImageItem) -> np.ndarray:
@@ -535,13 +478,10 @@ class EpochBatches:
 # ------------------------------------------------------------------------------------------------------ building
 
 
-def dataset_specs(args, resolution) -> list[DatasetSpec]:
-    try:
-        if getattr(args, "dataset_config", None):
-            return load_dataset_config(args.dataset_config, args, resolution)
-        return specs_from_args(args, resolution)
-    except DatasetConfigError as exc:
-        raise DataError(str(exc)) from None
+def dataset_specs(settings: DataSettings, resolution) -> list[DatasetSpec]:
+    if settings.dataset_config:
+        return load_dataset_config(settings.dataset_config, settings, resolution)
+    return specs_from_settings(settings, resolution)
 
 
 def split_validation(items: list[ImageItem], fraction: float, seed: int) -> tuple[list[ImageItem], list[ImageItem]]:
@@ -564,8 +504,8 @@ def split_validation(items: list[ImageItem], fraction: float, seed: int) -> tupl
     return train, val
 
 
-def build_datasets(args, resolution, *, builder_factory=None,
-                   cache_conditions: bool | None = None) -> tuple[ControlDataset, ControlDataset | None]:
+def build_datasets(settings: DataSettings, resolution, *,
+                   builder_factory=None) -> tuple[ControlDataset, ControlDataset | None]:
     """``(training dataset, validation dataset or None)`` from the flags (``--train_data_dir`` ...) or the dataset
     TOML (``--dataset_config``); ``resolution`` is the fallback when neither gives one (the model's default).
 
@@ -573,20 +513,18 @@ def build_datasets(args, resolution, *, builder_factory=None,
     the images chosen by ``--validation_seed`` (default ``--seed``); ``--validation_data_dir`` (with
     ``--validation_conditioning_data_dir`` for paired conditions) gives separate images with the training task.
     """
-    specs = dataset_specs(args, resolution)
-    skip_missing = bool(getattr(args, "skip_missing", False))
-    if cache_conditions is None:
-        cache_conditions = bool(getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False))
+    specs = dataset_specs(settings, resolution)
+    skip_missing = settings.skip_missing
     items = []
     for d, spec in enumerate(specs):
         for subset in spec.subsets:
             items += collect_items(subset, d, skip_missing)
-    validation_dir = getattr(args, "validation_data_dir", None)
+    validation_dir = settings.validation_data_dir
     split_specs = [spec for spec in specs if spec.validation_split]
     if validation_dir and split_specs:
         raise DataError("give either --validation_split or --validation_data_dir, not both")
     val_items: list[ImageItem] = []
-    seed = getattr(args, "seed", 0)
+    seed = settings.seed
     for d, spec in enumerate(specs):
         if spec.validation_split:
             v_seed = seed if spec.validation_seed is None else spec.validation_seed
@@ -597,32 +535,20 @@ def build_datasets(args, resolution, *, builder_factory=None,
     items.sort(key=lambda item: item.dataset)  # stable: keeps folder order within a dataset
     if validation_dir:
         first = specs[0].subsets[0]
-        cond_dir = getattr(args, "validation_conditioning_data_dir", None)
+        cond_dir = settings.validation_conditioning_data_dir
         if first.condition == "paired" and not cond_dir:
             raise DataError("--validation_data_dir with paired condition images needs "
                             "--validation_conditioning_data_dir (same basenames)")
         subset = replace(first, image_dir=Path(validation_dir), conditioning_data_dir=Path(cond_dir) if cond_dir
                          else None, num_repeats=1, name="--validation_data_dir")
         val_items = collect_items(subset, 0, skip_missing)
-    from trainer.caching import ConditionCache
-
     train = ControlDataset(items, specs[0].resolution, seed=seed, specs=specs, builder_factory=builder_factory,
-                           condition_cache=ConditionCache() if cache_conditions else None)
+                           condition_cache=ConditionCache() if settings.cache_conditions else None)
     validation = None
     if val_items:
-        v_seed = getattr(args, "validation_seed", None)
+        v_seed = settings.validation_seed
         validation = ControlDataset(val_items, specs[0].resolution, seed=seed, specs=specs,
                                     builder_factory=builder_factory, validation=True,
                                     validation_seed=seed if v_seed is None else v_seed,
                                     condition_cache=ConditionCache())
     return train, validation
-
-
-def build_dataset(args, resolution, **kwargs) -> ControlDataset:
-    """The training dataset alone (see :func:`build_datasets`)."""
-    return build_datasets(args, resolution, **kwargs)[0]
-
-
-__all__ = ["DataError", "DataWarning", "ImageItem", "ControlDataset", "PairedImageDataset", "EpochBatches", "collate",
-           "collect_items", "collect_paired_items", "build_datasets", "build_dataset", "make_bucket_resolutions",
-           "select_bucket", "cover_size", "resize_center_crop", "load_rgb", "to_tensor01", "GENERATED_CONDITIONS"]

@@ -1,4 +1,4 @@
-"""Sample images during training from a kohya-style prompt file, with the CoDi few-step sampler.
+"""kohya-style sample-prompt files (``--sample_prompts``): what the trainer renders with the CoDi sampler as it goes.
 
 Each non-empty line (``#`` starts a comment) is a prompt with options: ``--n`` negative prompt, ``--w``/``--h`` size,
 ``--d`` seed, ``--s`` steps, ``--l`` cfg scale, ``--cn`` condition image (required: a CoDi adapter is conditional).
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from trainer.data import DataError, load_rgb, resize_center_crop, to_tensor01
+from trainer.data.errors import DataError
+from trainer.data.images import load_rgb, resize_center_crop, to_tensor01
 
 _OPTION = re.compile(r"\s--(n|w|h|d|s|l|cn)\s+")
 
@@ -76,11 +76,3 @@ def load_condition(sample: SamplePrompt, default_size: tuple[int, int]) -> torch
     width = (sample.width or default_size[0]) // 8 * 8
     height = (sample.height or default_size[1]) // 8 * 8
     return to_tensor01(resize_center_crop(load_rgb(sample.condition), width, height)).unsqueeze(0)
-
-
-def save_image_grid(images: torch.Tensor, path: Path) -> None:
-    """Save ``[B, 3, H, W]`` images in [0, 1] side by side."""
-    row = torch.cat(list(images.clamp(0, 1)), dim=-1)
-    array = (row.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)

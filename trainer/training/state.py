@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainer.errors import CodiError
+
 STATE_FILES = ("trainable.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt",
                "trainer_state.json")
 
 
-class StateError(ValueError):
+class StateError(CodiError):
     """A state folder given to --resume is missing, incomplete or from a different setup."""
 
 

@@ -1,38 +1,28 @@
-"""Base-model loading for the trainer (DESIGN.md D2): single-file SD checkpoints and diffusers folders, offline.
+"""Single-file Stable Diffusion checkpoints (the original "ldm" layout) as diffusers / transformers modules, offline.
 
-``load_base_model(path)`` returns a :class:`BaseModel` of diffusers / transformers modules (UNet2DConditionModel,
-AutoencoderKL, CLIP text encoders) plus CLIP tokenizers and the facts the trainer needs (architecture, prediction type,
-modelspec architecture, default resolution, noise schedule, VAE scaling factor).
-
-Single files (``.safetensors``; ``.ckpt``/``.pt``/``.pth`` only through ``torch.load(weights_only=True)``) must be in
-the original ("ldm") layout. The architecture (SD1.x / SD2.x / SDXL base) is detected from the key layout and the UNet,
-VAE and text-encoder configs are inferred from tensor shapes, so full-size models and the tiny test models built in
-``tests/model_builders.py`` go through the same code. Weights are converted with diffusers' own ldm converters (UNet,
-VAE, CLIP-L) and a small OpenCLIP -> transformers mapping written here, then loaded with strict key and shape checks.
-
-Nothing is ever downloaded: ``HF_HUB_OFFLINE=1`` is set on import and every ``from_pretrained`` is
-``local_files_only``. Tokenizers come from a diffusers folder, ``--tokenizer_path``, or ComfyUI's
-``comfy/sd1_tokenizer`` (see :func:`find_comfyui_tokenizer_dir`).
+``.safetensors`` files are header-checked before anything is read; ``.ckpt`` / ``.pt`` / ``.pth`` only go through
+``torch.load(weights_only=True)``, so a pickle is never executed. The architecture (SD1.x / SD2.x / SDXL base) is
+detected from the key layout; the UNet, VAE and text-encoder configs are inferred from tensor shapes, so full-size
+models and the tiny test models go through the same code. Weights are converted with diffusers' own ldm converters
+(UNet, VAE, CLIP-L) and a small OpenCLIP -> transformers mapping written here, then loaded with strict key and shape
+checks: a file that does not fit gives a :class:`CheckpointError` naming what is missing or mis-shaped.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import pickle
 import re
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from ccd_sampler.metadata import read_safetensors_header  # noqa: E402
+from ccd_sampler.metadata import read_safetensors_header
+from trainer.models.base import DEFAULT_SCHEDULER, VAE_SCALING, BaseModel, CheckpointError
+from trainer.models.tokenizers import load_tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -44,22 +34,7 @@ SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                     "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": False}
-VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
-TOKEN_LENGTH = 77  # CLIP context length used by every SD text encoder
 BOS_TOKEN_ID, EOS_TOKEN_ID = 49406, 49407
-OPEN_CLIP_PAD = "!"  # OpenCLIP pads with token id 0 ("!"); OpenAI CLIP-L with <|endoftext|>
-
-# How each architecture turns a prompt into UNet conditioning. One entry per text encoder:
-#   layer: "last" = last_hidden_state (after the final layer norm), "penultimate" = hidden_states[-2];
-#   final_norm: apply the final layer norm to a penultimate state (SD2 does, SDXL does not); pad: tokenizer pad token.
-TEXT_ENCODING = {
-    "sd1": [{"layer": "last", "final_norm": True, "pad": None}],
-    "sd2": [{"layer": "penultimate", "final_norm": True, "pad": OPEN_CLIP_PAD}],
-    "sdxl": [{"layer": "penultimate", "final_norm": False, "pad": None},
-             {"layer": "penultimate", "final_norm": False, "pad": OPEN_CLIP_PAD}],  # + pooled text_embeds of #2
-}
 
 # Keys present in real checkpoints that no trainer module uses.
 IGNORED_KEY_PATTERNS = (
@@ -68,142 +43,6 @@ IGNORED_KEY_PATTERNS = (
     r"\.position_ids$", r"^cond_stage_model\.model\.logit_scale$", r"^conditioner\.embedders\.1\.model\.logit_scale$",
     r"^cond_stage_model\.model\.text_projection$",  # SD2 uses hidden states, not the projected embedding
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be read or is not a supported SD1.x / SD2.x / SDXL base model. The message names the
-    file and what was found in it."""
-
-
-# ------------------------------------------------------------------------------------------------------ result type
-
-
-@dataclass
-class BaseModel:
-    """The frozen base model the trainer distills from (diffusers / transformers modules, in eval mode)."""
-
-    unet: Any  # diffusers.UNet2DConditionModel
-    vae: Any  # diffusers.AutoencoderKL | None
-    text_encoders: list
-    tokenizers: list
-    architecture: str  # "sd1" | "sd2" | "sdxl"
-    prediction_type: str  # "epsilon" | "v_prediction"
-    modelspec_architecture: str
-    source: str
-    default_resolution: int
-    scheduler: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
-    vae_scaling_factor: float = 0.18215
-    latent_downscale: int = 8  # pixels per latent along a side: 8 for SD's VAE, 1 for a pixel-space base (no VAE)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from latents: the VAE decode, or (no VAE: a pixel-space base) the identity up to the
-        scaling factor (1.0 in the mini bundle), the inverse of how the trainer encodes pixels then."""
-        if self.vae is None:
-            if self.latent_downscale != 1:
-                raise ValueError(f"{self.source}: no VAE to decode the latents with (pass --vae)")
-            return latents / self.vae_scaling_factor
-        return self.vae.decode(latents.to(self.vae.dtype) / self.vae_scaling_factor).sample
-
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str] | str, device=None, size: int | tuple[int, int] | None = None) -> dict:
-        """UNet conditioning for ``prompts``: ``{"encoder_hidden_states": [B, 77, D]}``, and for SDXL also
-        ``"added_cond_kwargs": {"text_embeds": [B, P], "time_ids": [B, 6]}`` with time ids (original size, crop
-        top-left, target size) = ``(h, w, 0, 0, h, w)`` for ``size`` (default: the default resolution)."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        device = torch.device(device) if device is not None else _module_device(self.text_encoders[0])
-        states, pooled = [], None
-        for spec, tokenizer, encoder in zip(TEXT_ENCODING[self.architecture], self.tokenizers, self.text_encoders):
-            ids = tokenizer(prompts, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
-            out = encoder(ids, output_hidden_states=True)
-            if spec["layer"] == "last":
-                hidden = out.last_hidden_state
-            else:
-                hidden = out.hidden_states[-2]
-                if spec["final_norm"]:
-                    hidden = _final_layer_norm(encoder)(hidden)
-            states.append(hidden)
-            if getattr(out, "text_embeds", None) is not None:
-                pooled = out.text_embeds
-        result: dict = {"encoder_hidden_states": torch.cat(states, dim=-1)}
-        if self.architecture == "sdxl":
-            h, w = _size_hw(size if size is not None else self.default_resolution)
-            time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=pooled.dtype, device=device)
-            result["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
-        return result
-
-
-def _size_hw(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _module_device(module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def _final_layer_norm(encoder):
-    """The final LayerNorm of a transformers CLIP text model (``CLIPTextModel`` is flat since transformers 5.6,
-    ``CLIPTextModelWithProjection`` still wraps a ``text_model``)."""
-    return getattr(encoder, "text_model", encoder).final_layer_norm
-
-
-# ------------------------------------------------------------------------------------------------------ public API
-
-
-def load_base_model(path, *, v_parameterization: bool | None = None, v2: bool = False, vae_path=None,
-                    tokenizer_path=None, dtype: torch.dtype = torch.float32) -> BaseModel:
-    """Load a base model from a single-file checkpoint or a diffusers folder, offline.
-
-    ``v_parameterization`` (kohya ``--v_parameterization``) overrides the detected prediction type both ways;
-    ``v2`` (kohya ``--v2``) is only checked against detection; ``vae_path`` replaces the checkpoint's VAE (single
-    file in ldm or diffusers layout, or a diffusers VAE folder); ``tokenizer_path`` is a folder with ``vocab.json`` +
-    ``merges.txt``. Raises :class:`CheckpointError` naming the file on anything unreadable or unsupported."""
-    source = os.fspath(path)
-    from trainer import bundle
-
-    if bundle.is_bundle(source):  # a CoDi "base bundle" folder (codi_base.json), e.g. the benchmarks/mini base
-        if vae_path is not None:
-            raise CheckpointError(f"`{source}`: --vae cannot replace the VAE of a base bundle (its UNet was trained "
-                                  "for the bundle's own latent space)")
-        model = bundle.load_bundle(source, dtype=dtype, v_parameterization=v_parameterization)
-    elif os.path.isdir(source):
-        model = _load_diffusers_folder(source, v_parameterization, tokenizer_path, dtype)
-    else:
-        model = _load_single_file(source, v_parameterization, tokenizer_path, dtype)
-    if v2 and model.architecture != "sd2":
-        logger.warning("%s: --v2 was given but the file is %s (detected from its keys); using the detected "
-                       "architecture.", source, model.architecture)
-    if vae_path is not None:
-        model.vae = load_vae(vae_path, architecture=model.architecture, dtype=dtype)
-        model.vae_scaling_factor = float(model.vae.config.scaling_factor)
-    for module in [model.unet, model.vae, *model.text_encoders]:
-        if module is not None:
-            module.eval().requires_grad_(False)
-    return model
-
-
-def model_hash(path) -> str:
-    """SHA-256 (hex) of a checkpoint file, read in chunks; for a diffusers folder, of its UNet weights file."""
-    path = Path(path)
-    if path.is_dir():
-        path = _diffusers_weights_file(path / "unet")
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _diffusers_weights_file(folder: Path) -> Path:
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    raise CheckpointError(f"`{folder}`: no diffusers weights file (diffusion_pytorch_model.safetensors) found")
-
-
-# ---------------------------------------------------------------------------------------------------- file reading
 
 
 def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -683,7 +522,7 @@ def _check_unused_keys(sd: Mapping[str, torch.Tensor], architecture: str, path: 
 # ---------------------------------------------------------------------------------------------- single-file path
 
 
-def _load_single_file(path: str, v_parameterization, tokenizer_path, dtype) -> BaseModel:
+def load_single_file(path: str, v_parameterization, tokenizer_path, dtype) -> BaseModel:
     if path.lower().endswith(".safetensors"):  # detect from the header before reading gigabytes
         header, metadata = read_header(path)
         detect_architecture(shapes_of(header), path)
@@ -752,125 +591,3 @@ def load_vae(path, *, architecture: str = "sd1", dtype: torch.dtype = torch.floa
         return vae
     raise CheckpointError(f"`{path}`: not a VAE: found {len(sd)} tensors without `encoder.down.*` or "
                           f"`encoder.down_blocks.*` keys; {describe_keys(sd)}")
-
-
-# ------------------------------------------------------------------------------------------------------ tokenizers
-
-
-def find_comfyui_tokenizer_dir(search_from: Iterable[os.PathLike | str] = ()) -> Path | None:
-    """ComfyUI's ``comfy/sd1_tokenizer``: under ``$CODI_COMFYUI_DIR``, else in a folder above any of
-    ``search_from`` (e.g. the checkpoint path inside ``ComfyUI/models/checkpoints``) or above the cwd."""
-    candidates: list[Path] = []
-    env = os.environ.get("CODI_COMFYUI_DIR")
-    if env:
-        candidates.append(Path(env).expanduser())
-    for start in [*search_from, os.getcwd()]:
-        start = Path(start).expanduser().resolve()
-        candidates.extend([start, *start.parents])
-    for folder in candidates:
-        tokenizer = folder / "comfy" / "sd1_tokenizer"
-        if (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file():
-            return tokenizer
-    return None
-
-
-def is_tokenizer_dir(folder) -> bool:
-    """A CLIP BPE tokenizer folder: ``vocab.json`` + ``merges.txt`` (Hub / ComfyUI), or the ``tokenizer.json`` that
-    transformers 5 ``save_pretrained`` writes instead."""
-    folder = Path(folder)
-    return ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) or \
-        (folder / "tokenizer.json").is_file()
-
-
-def load_clip_tokenizer(folder, *, pad_token: str | None = None):
-    """A ``transformers.CLIPTokenizer`` from a folder holding ``vocab.json`` + ``merges.txt`` (note: in transformers
-    5 ``CLIPTokenizer(vocab_file=..., merges_file=...)`` builds a broken tokenizer; ``from_pretrained`` works)."""
-    from transformers import CLIPTokenizer
-
-    kwargs = {"pad_token": pad_token} if pad_token else {}
-    tokenizer = CLIPTokenizer.from_pretrained(os.fspath(folder), local_files_only=True, **kwargs)
-    tokenizer.model_max_length = TOKEN_LENGTH
-    return tokenizer
-
-
-def load_tokenizers(architecture: str, *, tokenizer_path=None, search_from: Iterable = ()) -> list:
-    """The tokenizer(s) an architecture needs, from ``--tokenizer_path`` or ComfyUI's ``comfy/sd1_tokenizer``."""
-    folder = Path(tokenizer_path) if tokenizer_path else find_comfyui_tokenizer_dir(search_from)
-    if folder is None or not is_tokenizer_dir(folder):
-        where = f"`{tokenizer_path}` has no vocab.json + merges.txt (or tokenizer.json)" if tokenizer_path else (
-            "no `comfy/sd1_tokenizer` was found above " + ", ".join(f"`{p}`" for p in [*search_from, os.getcwd()])
-            + (f" or in CODI_COMFYUI_DIR=`{os.environ['CODI_COMFYUI_DIR']}`" if os.environ.get("CODI_COMFYUI_DIR")
-               else ""))
-        raise CheckpointError(
-            f"no CLIP tokenizer found ({where}). Provide one of: (1) --tokenizer_path <folder with vocab.json and "
-            "merges.txt>, (2) a diffusers model folder (it has tokenizer/), or (3) run inside a ComfyUI tree or set "
-            "CODI_COMFYUI_DIR to a ComfyUI folder (its comfy/sd1_tokenizer is used). Nothing is downloaded.")
-    return [load_clip_tokenizer(folder, pad_token=spec["pad"]) for spec in TEXT_ENCODING[architecture]]
-
-
-# ------------------------------------------------------------------------------------------------ diffusers folder
-
-
-def _diffusers_architecture(model_index: dict, unet_config: dict, text_config: dict) -> str:
-    if "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    if text_config.get("hidden_act") == "gelu" or unet_config.get("cross_attention_dim") == 1024:
-        return "sd2"  # OpenCLIP text tower (exact GELU); OpenAI CLIP-L uses quick_gelu
-    return "sd1"
-
-
-def _read_json(path: Path, folder: str) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"`{folder}`: diffusers folder without `{path.relative_to(folder)}`") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"`{folder}`: `{path.relative_to(folder)}` is not valid JSON ({e})") from None
-
-
-def _load_diffusers_folder(folder: str, v_parameterization, tokenizer_path, dtype) -> BaseModel:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    root = Path(folder)
-    if not (root / "model_index.json").is_file():
-        found = ", ".join(sorted(p.name for p in root.iterdir())[:8]) or "nothing"
-        raise CheckpointError(f"`{folder}`: a folder but not a diffusers pipeline (no model_index.json; found "
-                              f"{found})")
-    model_index = _read_json(root / "model_index.json", folder)
-    unet_config = _read_json(root / "unet" / "config.json", folder)
-    text_config = _read_json(root / "text_encoder" / "config.json", folder)
-    architecture = _diffusers_architecture(model_index, unet_config, text_config)
-    scheduler_config = {}
-    if (root / "scheduler" / "scheduler_config.json").is_file():
-        scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", folder)
-    if v_parameterization is None and scheduler_config.get("prediction_type") in ("v_prediction", "epsilon"):
-        prediction = scheduler_config["prediction_type"]
-    else:
-        prediction = detect_prediction_type(architecture, (), {}, v_parameterization, folder)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype) \
-            if (root / "vae").is_dir() else None
-        encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True,
-                                                  dtype=dtype)]
-        if architecture == "sdxl":
-            encoders.append(CLIPTextModelWithProjection.from_pretrained(
-                folder, subfolder="text_encoder_2", local_files_only=True, dtype=dtype))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"`{folder}`: cannot load the diffusers folder: {e}") from None
-    tokenizers = _folder_tokenizers(root, architecture, tokenizer_path)
-    resolution = default_resolution(architecture, prediction)
-    scheduler = {k: scheduler_config.get(k, v) for k, v in DEFAULT_SCHEDULER.items()}
-    return BaseModel(unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers, architecture=architecture,
-                     prediction_type=prediction, modelspec_architecture=modelspec_architecture(architecture, prediction),
-                     source=folder, default_resolution=resolution, scheduler=scheduler,
-                     vae_scaling_factor=float(vae.config.scaling_factor) if vae is not None
-                     else VAE_SCALING[architecture])
-
-
-def _folder_tokenizers(root: Path, architecture: str, tokenizer_path) -> list:
-    subfolders = ["tokenizer", "tokenizer_2"][: len(TEXT_ENCODING[architecture])]
-    if tokenizer_path is None and all(is_tokenizer_dir(root / s) for s in subfolders):
-        return [load_clip_tokenizer(root / s) for s in subfolders]
-    return load_tokenizers(architecture, tokenizer_path=tokenizer_path, search_from=[root])

@@ -1,4 +1,5 @@
-"""The trainable CoDi adapters (CODI_SPEC.md "The trainable part", DESIGN.md D1) and the adapted UNet forward.
+"""The trainable CoDi adapters and the adapted UNet forward (``docs/algorithm.md``, "The trainable part";
+``docs/adapter_format.md`` for the file layouts).
 
 * ``controlnet`` (the paper's PE-CoDi): a full diffusers ``ControlNetModel`` copied from the base UNet's encoder, all
   of it trainable. Exported in the ldm ControlNet layout by default (``zero_convs.0.0.weight`` ...), which ComfyUI,
@@ -29,9 +30,10 @@ import torch
 from diffusers import ControlNetModel
 from torch import nn
 
-from . import ldm_keys
-from .lora import (LoRAModule, SharedLoRA, check_substitute_weights, find_lora_wrappers, inject_lora,
-                   replace_submodule, resolve_alpha)
+from trainer.adapters.lora import (LoRAModule, SharedLoRA, check_substitute_weights, find_lora_wrappers, inject_lora,
+                                   replace_submodule, resolve_alpha)
+from trainer.errors import CodiError
+from trainer.models import ldm_keys
 
 ADAPTER_TYPES = ("controlnet", "control-lora")
 COMFY_HINT_CHANNELS = (16, 32, 96, 256)  # ComfyUI's cldm.ControlNet hard-codes input_hint_block with these
@@ -42,7 +44,7 @@ CONTROL_PART_PREFIXES = ("controlnet_cond_embedding", "controlnet_down_blocks", 
 LDM_LAYOUT, DIFFUSERS_LAYOUT = "ldm", "diffusers"
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(CodiError):
     """An adapter file does not fit the adapter it is loaded into (other type, other shape, missing keys)."""
 
 
@@ -62,8 +64,9 @@ def _unet_layer(unet: nn.Module, path: str) -> nn.Module:
 def _build_controlnet_skeleton(unet, conditioning_embedding_out_channels, hint_downscale: int = 8) -> ControlNetModel:
     """A ControlNetModel for ``unet``'s config with every weight on the meta device (allocates nothing)."""
     with torch.device("meta"):
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(
-            conditioning_embedding_out_channels), load_weights_from_unet=False, conditioning_channels=HINT_IMAGE_CHANNELS)
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
+            load_weights_from_unet=False, conditioning_channels=HINT_IMAGE_CHANNELS)
     _set_hint_downscale(controlnet, hint_downscale)
     return controlnet
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoints import DEFAULT_SCHEDULER, BaseModel, CheckpointError
+from trainer.models.base import DEFAULT_SCHEDULER, BaseModel, CheckpointError
+from trainer.models.tokenizers import load_clip_tokenizer
 
 BUNDLE_FILE = "codi_base.json"
 BUNDLE_FORMAT = "codi-base-bundle"
@@ -113,7 +114,8 @@ def read_manifest(folder) -> dict:
     return manifest
 
 
-def load_bundle(folder, *, dtype: torch.dtype = torch.float32, v_parameterization: bool | None = None) -> BundleBaseModel:
+def load_bundle(folder, *, dtype: torch.dtype = torch.float32,
+                v_parameterization: bool | None = None) -> BundleBaseModel:
     """The :class:`BundleBaseModel` of a bundle folder (offline; modules in eval mode, frozen)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -141,8 +143,6 @@ def load_bundle(folder, *, dtype: torch.dtype = torch.float32, v_parameterizatio
         te_dir = sub("text_encoder")
         if te_dir is not None:
             from transformers import CLIPTextModel
-
-            from trainer.checkpoints import load_clip_tokenizer
 
             text_encoders = [CLIPTextModel.from_pretrained(te_dir, local_files_only=True, dtype=dtype)]
             tokenizers = [load_clip_tokenizer(sub("tokenizer") or root / "tokenizer")]

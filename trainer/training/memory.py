@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.adapters.controlnet import adapted_unet_output, text_conditioning
+from trainer.training.optim import optimizer_state_bytes_per_param
+
 GIB = 1024**3
 
 
@@ -97,3 +100,58 @@ def extrapolate_activations(probe, resolution: tuple[int, int], probe_sizes=(16,
     slope = (a2 - a1) / (s2 * s2 - s1 * s1)
     area = (resolution[0] // downscale) * (resolution[1] // downscale)
     return int(max(a2, a1 + slope * (area - s1 * s1)))
+
+
+def predict_memory(networks, *, batch_size: int, optimizer_type: str, full_half: bool, resolution,
+                   weight_dtype: torch.dtype, device) -> MemoryPrediction:
+    """The ``--dry_run`` prediction for one training step of ``networks`` (a ``networks.Networks``)."""
+    base = networks.base
+    trainable_count = sum(p.numel() for p in networks.trainable.values())
+    train_bytes = 2 if full_half else 4
+    frozen = frozen_bytes([base.unet, networks.adapter, base.vae, *base.text_encoders])
+    compute_bytes = torch.tensor([], dtype=weight_dtype).element_size()
+    text = base.encode_text([""] * batch_size, device=device)
+
+    def probe(h, w):
+        z = torch.randn(batch_size, base.unet.config.in_channels, h, w, device=device, dtype=weight_dtype)
+        down = base.latent_downscale  # 1 for a pixel-space base bundle
+        hint = torch.rand(batch_size, 3, h * down, w * down, device=device, dtype=weight_dtype)
+        t = torch.full((batch_size,), 500, device=device)
+        cond = text_conditioning(text, hint)
+        return saved_activation_bytes(lambda: adapted_unet_output(base.unet, networks.adapter, z, t, cond),
+                                      compute_bytes)
+
+    activations = extrapolate_activations(probe, resolution, downscale=base.latent_downscale)
+    return MemoryPrediction(
+        frozen_weights=frozen, trainable_weights=trainable_count * train_bytes,
+        gradients=trainable_count * train_bytes,
+        optimizer_state=int(trainable_count * optimizer_state_bytes_per_param(optimizer_type)),
+        ema=trainable_count * 4, activations=activations)
+
+
+def reset_peak_memory(device) -> None:
+    """Start measuring the peak from here: CUDA's allocator peak, or (CPU) the process's peak RSS, which Linux resets
+    when ``5`` is written to ``/proc/self/clear_refs``."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass  # not Linux: the peak then covers model loading too
+
+
+def peak_memory_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,4 +1,4 @@
-"""Caches: VAE latents (memory or disk, with invalidation), deterministic conditions, text-encoder outputs.
+"""Caches above the dataset: VAE latents (memory or disk, with invalidation) and text-encoder outputs.
 
 Latents (``--cache_latents``; ``--cache_latents_to_disk`` stores them beside the images as kohya does, as
 ``<image name>.codi-latents.safetensors``). The disk file holds the VAE posterior's mean and std (float32) and an
@@ -6,7 +6,7 @@ invalidation key: image file size + mtime, training size + crop mode + resize fi
 (architecture, dtype and a hash of the encoder weights). A file whose key differs is re-encoded; so changing one image
 or one setting re-encodes only what it touches (``cache.encoded`` counts the images encoded this run,
 ``cache.loaded`` those read from disk). The latent itself is drawn at cache build time as
-``(mean + std * noise) * scaling_factor`` with the per-item noise of ``trainer.loop.item_generator(seed, index)``,
+``(mean + std * noise) * scaling_factor`` with the per-item noise of :func:`item_generator`,
 exactly as the uncached path draws it; the seed is therefore not part of the disk key.
 
 Random crops cannot be cached (each epoch has other pixels): that is an error, as in kohya. Flips are supported: both
@@ -19,10 +19,10 @@ import hashlib
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from trainer.data import ControlDataset, DataError, warn
+from trainer.data.dataset import ControlDataset
+from trainer.data.errors import DataError, warn
 
 CACHE_SUFFIX = ".codi-latents.safetensors"
 CACHE_FORMAT = "1"
@@ -62,9 +62,25 @@ def vae_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return dist.mean.float().cpu(), dist.std.float().cpu()
 
 
-def sample_latent(mean: torch.Tensor, std: torch.Tensor, seed: int, index: int, scaling_factor: float):
-    from trainer.loop import item_generator
+def item_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of item ``index``'s latent noise: a pure function of ``(seed, index)``, so a cached latent and
+    one encoded on the fly are the same draw."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
 
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, indices, seed: int, scaling_factor: float) -> torch.Tensor:
+    """VAE latents sampled with a per-item generator, so cached and on-the-fly latents are identical. ``vae=None`` (a
+    pixel-space base): the latents are the pixels in [-1, 1] times ``scaling_factor``."""
+    if vae is None:
+        return pixels.float() * scaling_factor
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=item_generator(seed, int(i)))
+                         for i in indices]).to(dist.mean.device, dist.mean.dtype)
+    return (dist.mean + dist.std * noise) * scaling_factor
+
+
+def sample_latent(mean: torch.Tensor, std: torch.Tensor, seed: int, index: int, scaling_factor: float):
     noise = torch.randn(mean.shape, generator=item_generator(seed, int(index)))
     return (mean + std * noise) * scaling_factor
 
@@ -72,15 +88,14 @@ def sample_latent(mean: torch.Tensor, std: torch.Tensor, seed: int, index: int, 
 class LatentCache:
     """Latents of every item (both flips when the item flips), computed before training."""
 
-    def __init__(self, dataset: ControlDataset, base, args, device=None, accelerator=None, *, chunk: int = 4):
+    def __init__(self, dataset: ControlDataset, base, *, seed: int, to_disk: bool = False, is_main_process: bool = True,
+                 chunk: int = 4):
         random_crop = [item.image_path.name for item in dataset.items if item.random_crop]
         if random_crop:
             raise DataError(f"--random_crop cannot be combined with --cache_latents/--cache_latents_to_disk (each "
                             f"epoch crops other pixels; kohya refuses this too): {len(random_crop)} images with "
                             f"random_crop, e.g. {random_crop[0]}; drop one of the two")
-        to_disk = bool(getattr(args, "cache_latents_to_disk", False))
-        is_main = accelerator is None or accelerator.is_main_process
-        seed, scaling = args.seed, base.vae_scaling_factor
+        scaling = base.vae_scaling_factor
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
         self.encoded = self.loaded = 0
         vae_id = vae_identity(base) if to_disk else ""
@@ -118,7 +133,7 @@ class LatentCache:
                         suffix = "_flipped" if flip else ""
                         tensors[f"mean{suffix}"], tensors[f"std{suffix}"] = mean.contiguous(), std.contiguous()
                     self.encoded += 1
-                    if to_disk and is_main and not self._save(latent_cache_path(item.image_path), tensors,
+                    if to_disk and is_main_process and not self._save(latent_cache_path(item.image_path), tensors,
                                                               keys[index]):
                         unwritable.append(item.image_path.name)
         if unwritable:
@@ -159,36 +174,6 @@ class LatentCache:
     def get(self, indices, flips=None) -> torch.Tensor:
         flips = [False] * len(indices) if flips is None else flips
         return torch.stack([self.latents[(int(i), bool(f))] for i, f in zip(indices, flips)])
-
-
-class ConditionCache:
-    """Generated conditions that do not change between epochs (deterministic builders at a fixed crop), kept in
-    memory after their first computation (before any flip). ``computed`` counts the stores."""
-
-    def __init__(self):
-        self.entries: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-        self.computed = 0
-
-    def lookup(self, index: int):
-        entry = self.entries.get(index)
-        if entry is None:
-            return None
-        return tuple(None if a is None else (a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a)
-                     for a in entry)
-
-    def store(self, index: int, hint, mask) -> None:
-        self.entries[index] = (_compact(hint), None if mask is None else _compact(mask))
-        self.computed += 1
-
-
-def _compact(array) -> np.ndarray:
-    """uint8 when the values are exactly k/255 (gray, canny, masks: 4x less memory), else float32."""
-    array = np.asarray(array, dtype=np.float32)
-    if array.min(initial=0.0) >= 0.0 and array.max(initial=0.0) <= 1.0:
-        packed = np.round(array * 255.0).astype(np.uint8)
-        if np.array_equal(packed.astype(np.float32) / 255.0, array):
-            return packed
-    return array.copy()
 
 
 class TextCache:

@@ -1,0 +1,359 @@
+"""The CoDi training loop: set a run up, repeat the CoDi step, save and report.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches. Each micro-batch draws its timesteps, noise and
+(CFG) guidance scales from a generator seeded by ``(seed, micro-batch index, rank)``, and the data order is a function
+of ``(seed, epoch)``, so a run resumed from a saved state continues exactly as if it had never stopped. The step
+itself (``ccd_sampler.codi_loss``) is written out in ``docs/algorithm.md``.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import ccd_sampler as cs
+from trainer.adapters.controlnet import text_conditioning
+from trainer.data.caches import LatentCache, TextCache, cat_tree, encode_latents
+from trainer.data.dataset import EpochBatches, build_datasets, collate
+from trainer.data.prompts import read_prompt_file
+from trainer.training import memory, state
+from trainer.training.networks import DTYPES, Networks, OnlineModel, build_networks, tie_target_to_ema
+from trainer.training.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args
+from trainer.training.samples import generate_samples, run_quality_report
+from trainer.training.saving import (AdapterWriter, non_finite_loss, provenance, prune_step_saves, save_state_folder,
+                                     step_suffix)
+from trainer.training.settings import Settings
+
+NAN_AT_STEP_ENV = "CODI_DEBUG_NAN_AT_STEP"  # tests: make the loss NaN at this optimizer step
+
+
+@dataclass
+class Run:
+    """Everything a run carries from one step to the next."""
+
+    settings: Settings
+    accelerator: object
+    networks: Networks
+    ema: cs.EMA
+    optimizer: object
+    schedule: cs.NoiseSchedule
+    weight_dtype: torch.dtype
+    resolution: tuple[int, int]
+    dataset: object = None
+    validation_dataset: object = None
+    batches: EpochBatches | None = None
+    lr_scheduler: object = None
+    max_steps: int = 0
+    latent_cache: LatentCache | None = None
+    text_cache: TextCache | None = None
+    uncond_text: dict | None = None
+    loss_config: cs.CoDiLossConfig | None = None
+    writer: AdapterWriter | None = None
+    sample_prompts: list | None = None
+    step: int = 0
+    micro_step: int = 0
+    epoch: int = 0
+    position: int = 0
+    losses: list = field(default_factory=list)
+    last_saved: list = field(default_factory=list)
+    diag: dict = field(default_factory=dict)  # the last step's loss diagnostics
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def say(self, *parts) -> None:
+        if self.accelerator.is_main_process:
+            print(*parts, flush=True)
+
+    def progress(self) -> dict:
+        return {"step": self.step, "micro_step": self.micro_step, "epoch": self.epoch, "position": self.position,
+                "adapter_type": self.settings.adapter.adapter_type, "seed": self.settings.run.seed}
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def start_run(settings: Settings) -> Run:
+    """Accelerator, networks, EMA and optimizer: enough for ``--dry_run``."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    run_settings = settings.run
+    # accelerate keeps a process-wide singleton; a second train() in the same process (tests, notebooks) with other
+    # precision settings must start from a clean one.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(gradient_accumulation_steps=run_settings.gradient_accumulation_steps,
+                              mixed_precision=run_settings.mixed_precision, log_with=_trackers(run_settings.log_with),
+                              project_dir=run_settings.logging_dir or os.path.join(run_settings.output_dir, "logs"))
+    set_seed(run_settings.seed)
+    weight_dtype = DTYPES[run_settings.mixed_precision]
+    print_main = accelerator.is_main_process
+    if print_main:
+        print(f"codi: {accelerator.num_processes} process(es), device {accelerator.device}, mixed precision "
+              f"{run_settings.mixed_precision}, num_processes == {accelerator.num_processes}", flush=True)
+    networks = build_networks(settings.model, settings.adapter, accelerator.device, weight_dtype,
+                              weight_dtype if run_settings.full_half else torch.float32)
+    base = networks.base
+    resolution = settings.data.resolution or (base.default_resolution, base.default_resolution)
+    ema = cs.EMA(networks.trainable, decay=settings.codi.ema_decay).to(accelerator.device)
+    tie_target_to_ema(networks, ema)
+    opt = settings.optimizer
+    optimizer = build_optimizer(opt.optimizer_type, networks.trainable.values(), opt.learning_rate,
+                                parse_optimizer_args(list(opt.optimizer_args)))
+    return Run(settings=settings, accelerator=accelerator, networks=networks, ema=ema, optimizer=optimizer,
+               schedule=base.noise_schedule(), weight_dtype=weight_dtype, resolution=resolution)
+
+
+def _trackers(log_with: str | None):
+    return None if log_with is None else (["tensorboard", "wandb"] if log_with == "all" else log_with)
+
+
+def prepare_training(run: Run) -> None:
+    """Data, batches, LR schedule, the DDP-wrapped online model, caches, the adapter writer, a resumed state."""
+    settings, accelerator, networks = run.settings, run.accelerator, run.networks
+    base, device = networks.base, run.device
+    run.dataset, run.validation_dataset = build_datasets(settings.data, run.resolution)
+    run.resolution = run.dataset.resolution  # a dataset TOML may set it
+    run.say("codi: " + run.dataset.summary())
+    if run.validation_dataset is not None:
+        run.say("codi: " + run.validation_dataset.summary())
+    run.batches = EpochBatches.from_dataset(run.dataset, settings.run.train_batch_size, settings.run.seed,
+                                            accelerator.num_processes, accelerator.process_index)
+    steps_per_epoch = max(1, len(run.batches) // settings.run.gradient_accumulation_steps)
+    run.max_steps = (settings.run.max_train_steps if settings.run.max_train_epochs is None
+                     else settings.run.max_train_epochs * steps_per_epoch)
+    run.lr_scheduler = build_lr_scheduler(settings.optimizer.lr_scheduler, run.optimizer,
+                                          settings.optimizer.lr_warmup_steps, run.max_steps)
+    networks.online, run.optimizer = accelerator.prepare(OnlineModel(base.unet, networks.adapter), run.optimizer)
+
+    if settings.run.cache_latents or settings.run.cache_latents_to_disk:
+        run.latent_cache = LatentCache(run.dataset, base, seed=settings.run.seed,
+                                       to_disk=settings.run.cache_latents_to_disk,
+                                       is_main_process=accelerator.is_main_process)
+        run.say(f"codi: cached latents for {len(run.dataset)} images ({run.latent_cache.encoded} encoded, "
+                f"{run.latent_cache.loaded} read from disk)")
+    if settings.run.cache_text_encoder_outputs:
+        captions = [item.caption for item in run.dataset.items]
+        if run.validation_dataset is not None:
+            captions += [item.caption for item in run.validation_dataset.items]
+        run.text_cache = TextCache(base, captions, device)
+        base.text_encoders.clear()
+        gc.collect()
+    run.uncond_text = encode_text(run, [""])
+    run.loss_config = settings.codi.loss_config(base.prediction_type)
+    run.writer = AdapterWriter(settings.save, settings.codi, networks, run.dataset, run.resolution,
+                               provenance(settings, networks.adapter_type, len(run.dataset.items), run.resolution),
+                               (settings.adapter.unet_lora_dim, settings.adapter.unet_lora_alpha))
+
+    if settings.run.resume:
+        inner = run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer
+        progress = state.load_training_state(Path(settings.run.resume), networks.trainable, run.ema, inner,
+                                             run.lr_scheduler)
+        run.step, run.micro_step = progress["step"], progress["micro_step"]
+        run.epoch, run.position = progress["epoch"], progress["position"]
+        run.say(f"codi: resumed from {settings.run.resume} at step {run.step} (epoch {run.epoch}, batch "
+                f"{run.position})")
+    if accelerator.is_main_process and settings.run.log_with:
+        accelerator.init_trackers(settings.run.log_prefix or "codi", config=settings.flags)
+    if settings.samples.sample_prompts:
+        run.sample_prompts = read_prompt_file(settings.samples.sample_prompts)
+
+
+def encode_text(run: Run, captions: list[str]) -> dict:
+    """Text conditioning of ``captions``: from the text cache when the encoders were freed for it."""
+    if run.text_cache is not None:
+        return run.text_cache.get(captions, run.device)
+    return run.networks.base.encode_text(captions, device=run.device)
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+
+def micro_batch_loss(run: Run, indices: list[int]) -> tuple[torch.Tensor, dict]:
+    """The loss of one micro-batch (CoDi, or the plain diffusion loss of the ``--loss diffusion`` baseline)."""
+    settings, networks, device = run.settings, run.networks, run.device
+    batch = collate([run.dataset.get(i, run.epoch, pixels=run.latent_cache is None) for i in indices])
+    if run.latent_cache is not None:
+        latents = run.latent_cache.get(indices, batch["flip"]).to(device, run.weight_dtype)
+    else:
+        latents = encode_latents(networks.base.vae, batch["pixel_values"], indices, settings.run.seed,
+                                 networks.base.vae_scaling_factor).to(device, run.weight_dtype)
+    hints = batch["hint"].to(device, run.weight_dtype)
+    cond = text_conditioning(encode_text(run, batch["caption"]), hints)
+    uncond = (text_conditioning(cat_tree([run.uncond_text] * len(indices)), hints) if settings.codi.cfg_range
+              else None)
+    generator = torch.Generator().manual_seed(
+        hash((settings.run.seed, run.micro_step, run.accelerator.process_index)) % (2**63))
+    with run.accelerator.autocast():
+        if settings.codi.loss == "diffusion":
+            return cs.diffusion_loss(networks.denoiser("online"), latents, cond, run.schedule,
+                                     networks.base.prediction_type, generator=generator)
+        return cs.codi_loss(networks.denoiser("online"), networks.denoiser("target", run.ema), latents, cond,
+                            run.loss_config, run.schedule, base=networks.denoiser("base"), uncond=uncond,
+                            generator=generator, teacher=networks.denoiser("teacher"))
+
+
+def training_step(run: Run, nan_at: int = 0) -> bool:
+    """One micro-batch: forward, backward and (at the end of an accumulation window) the optimizer update. Returns
+    True when an optimizer step completed. A non-finite loss on any rank stops the run with the last good adapter
+    written."""
+    accelerator, trainable = run.accelerator, run.networks.trainable
+    if run.position >= len(run.batches):
+        run.epoch, run.position = run.epoch + 1, 0
+    run.dataset.set_epoch(run.epoch)
+    indices = run.batches.batch(run.epoch, run.position)
+    with accelerator.accumulate(run.networks.online):
+        loss, diag = micro_batch_loss(run, indices)
+        if nan_at and run.step + 1 == nan_at:
+            loss = loss * float("nan")
+        finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1).float()).min().item() == 1.0
+        if not finite:
+            kept = run.writer.save(run.ema, run.step, suffix="-last-good") if accelerator.is_main_process else []
+            raise non_finite_loss(run.step, diag, kept, run.last_saved)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and run.settings.optimizer.max_grad_norm:
+            accelerator.clip_grad_norm_(list(trainable.values()), run.settings.optimizer.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.micro_step += 1
+    run.position += 1
+    run.losses.append(float(loss.detach()))
+    if not accelerator.sync_gradients:
+        return False
+    run.lr_scheduler.step()
+    run.ema.update(trainable)
+    run.step += 1
+    run.diag = diag
+    return True
+
+
+def after_step(run: Run, progress_bar) -> None:
+    """Progress, logs, periodic saves and samples after an optimizer step."""
+    settings, accelerator = run.settings, run.accelerator
+    lr = run.lr_scheduler.get_last_lr()[0]
+    window = run.losses[-settings.run.gradient_accumulation_steps:]
+    logs = {"loss": sum(window) / len(window), "loss_consistency": run.diag["loss_consistency"],
+            "loss_guidance": run.diag["loss_guidance"], "lr": lr, "t": run.diag["t"][0]}
+    progress_bar.update(1)
+    progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
+    if settings.run.log_with:
+        accelerator.log(logs, step=run.step)
+    save = settings.save
+    if save.save_every_n_steps and run.step % save.save_every_n_steps == 0 and run.step < run.max_steps:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            run.last_saved = run.writer.save(run.ema, run.step, suffix=step_suffix(run.step))
+            if save.save_state:
+                save_state_folder(save, f"{save.output_name}{step_suffix(run.step)}-state", run.networks.trainable,
+                                  run.ema, run.optimizer, run.lr_scheduler, run.progress())
+            prune_step_saves(save, run.step)
+    every = settings.samples.sample_every_n_steps
+    if run.sample_prompts and every and run.step % every == 0:
+        render_samples(run)
+
+
+def render_samples(run: Run) -> None:
+    settings = run.settings
+    generate_samples(run.networks, run.ema, settings.codi, run.sample_prompts, run.step, run.resolution, run.device,
+                     run.text_cache, seed=settings.run.seed, out_dir=Path(settings.save.output_dir),
+                     name=settings.save.output_name)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def train(settings: Settings) -> dict:
+    """Train an adapter; returns a summary (steps, seconds, peak memory, files written)."""
+    from tqdm.auto import tqdm
+
+    run = start_run(settings)
+    networks, accelerator = run.networks, run.accelerator
+    base = networks.base
+    n_trainable, n_frozen = memory.count_parameters([base.unet, networks.adapter, *base.text_encoders, base.vae])
+    run.say(f"codi: base {base.architecture} ({base.prediction_type}), adapter {networks.adapter_type}"
+            f"{' + UNet LoRA' if networks.unet_lora else ''}: {n_trainable:,} trainable, {n_frozen:,} frozen "
+            "parameters")
+    if settings.run.dry_run:
+        return dry_run(run, n_trainable, n_frozen)
+
+    prepare_training(run)
+    if run.sample_prompts and settings.samples.sample_at_first and run.step == 0:
+        render_samples(run)
+    nan_at = int(os.environ.get(NAN_AT_STEP_ENV, "0") or 0)
+    progress_bar = tqdm(total=run.max_steps, initial=run.step, disable=not accelerator.is_main_process,
+                        desc="codi", dynamic_ncols=True)
+    start_time, start_step = time.time(), run.step
+    memory.reset_peak_memory(run.device)
+
+    networks.online.train()
+    while run.step < run.max_steps:
+        if training_step(run, nan_at):
+            after_step(run, progress_bar)
+    progress_bar.close()
+    return finish(run, time.time() - start_time, start_step)
+
+
+def dry_run(run: Run, n_trainable: int, n_frozen: int) -> dict:
+    settings = run.settings
+    prediction = memory.predict_memory(run.networks, batch_size=settings.run.train_batch_size,
+                                       optimizer_type=settings.optimizer.optimizer_type,
+                                       full_half=settings.run.full_half, resolution=run.resolution,
+                                       weight_dtype=run.weight_dtype, device=run.device)
+    run.say("codi: predicted memory for one training step "
+            f"(batch {settings.run.train_batch_size}, {run.resolution[0]}x{run.resolution[1]}, "
+            f"{settings.optimizer.optimizer_type}, gradient checkpointing "
+            f"{'on' if settings.model.gradient_checkpointing else 'off'}):\n" + prediction.report())
+    return {"trainable": n_trainable, "frozen": n_frozen, "memory": prediction}
+
+
+def finish(run: Run, elapsed: float, start_step: int) -> dict:
+    """The final adapter (and state), the last samples, the quality report, and the summary."""
+    settings, accelerator = run.settings, run.accelerator
+    save = settings.save
+    accelerator.wait_for_everyone()
+    final_paths = []
+    if accelerator.is_main_process:
+        final_paths = run.writer.save(run.ema, run.step)
+        if save.save_state or save.save_state_on_train_end:
+            save_state_folder(save, f"{save.output_name}-state", run.networks.trainable, run.ema, run.optimizer,
+                              run.lr_scheduler, run.progress())
+    if run.sample_prompts and settings.samples.sample_every_n_steps:
+        render_samples(run)
+    report = None
+    if settings.report.quality_report and accelerator.is_main_process:
+        report = run_quality_report(run.networks, run.ema, settings.codi, settings.report, run.validation_dataset,
+                                    run.text_cache, run.device, seed=settings.run.seed,
+                                    out_dir=Path(save.output_dir), name=save.output_name)
+        run.say(f"codi: quality report: {report['report']} (plot {report['plot']}, grid {report['grid']})")
+    # Every rank reports a checksum of its weights: equal lines mean the processes stayed in sync.
+    print(f"codi: rank {accelerator.process_index}/{accelerator.num_processes} trainable-weights checksum "
+          f"{weights_checksum(run.networks.trainable, run.ema)}", flush=True)
+    peak = memory.peak_memory_bytes(run.device)
+    steps = run.step - start_step
+    summary = {"steps": run.step, "steps_this_run": steps, "seconds": elapsed,
+               "peak_memory_gib": peak / memory.GIB, "final_loss": run.losses[-1] if run.losses else None,
+               "first_loss": run.losses[0] if run.losses else None, "adapter": [str(p) for p in final_paths],
+               "num_processes": accelerator.num_processes,
+               "quality_report": None if report is None else {k: str(v) for k, v in report.items()}}
+    run.say(f"codi: done: {run.step} steps ({steps} this run) in {elapsed:.1f} s ({steps / max(elapsed, 1e-9):.2f} "
+            f"it/s), peak memory {peak / memory.GIB:.2f} GiB "
+            f"({'GPU allocated' if run.device.type == 'cuda' else 'process RSS'} during training); "
+            f"adapter: {', '.join(summary['adapter'])}")
+    accelerator.end_training()
+    return summary
+
+
+def weights_checksum(trainable: dict, ema: cs.EMA) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(trainable):
+        for tensor in (trainable[name], ema.shadow[name]):
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
