@@ -77,26 +77,25 @@ def loadavg() -> str:
         return "n/a"
 
 
-def prepare(workdir: Path, full: bool, size: int) -> Path:
-    """A ComfyUI base dir with the checkpoint, the adapter (in models/codi and models/controlnet) and the input."""
+def prepare(workdir: Path, full: bool, size: int, checkpoint: Path | None = None) -> Path:
+    """A ComfyUI base dir with the checkpoint (``checkpoint``, else built), the adapter (in models/codi and
+    models/controlnet) and the input. Building needs the trainer's requirements (diffusers); a base dir prepared
+    before (e.g. by ``gpu_check.py --part train`` on the same machine) needs nothing beyond ComfyUI's."""
     import numpy as np
-    import torch
-    from model_builders import build_full_sd15, build_micro_sd15, sd1_tokenizer_source
     from PIL import Image
-    from skimage import data
 
-    from ccd_sampler.metadata import CoDiMetadata
     from harness import make_base_dir
-    from trainer.adapters.controlnet import build_adapter
-    from trainer.adapters.files import build_metadata, save_adapter
-    from trainer.models import load_base_model
 
     base = make_base_dir(workdir / "base")
     models = base / "models"
     for sub in ("checkpoints", "codi", "controlnet"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     ckpt = workdir / ("full_sd15.safetensors" if full else "micro_sd15.safetensors")
+    if checkpoint is not None and not ckpt.exists():
+        ckpt.symlink_to(Path(checkpoint).resolve())
     if not ckpt.exists():
+        from model_builders import build_full_sd15, build_micro_sd15
+
         print(f"building {ckpt.name} ...", flush=True)
         tmp = ckpt.with_suffix(".tmp.safetensors")
         (build_full_sd15 if full else build_micro_sd15)(tmp)
@@ -106,6 +105,14 @@ def prepare(workdir: Path, full: bool, size: int) -> Path:
         link.symlink_to(ckpt)
     adapter = models / "codi" / ADAPTER_NAME
     if not adapter.exists():
+        import torch
+        from model_builders import sd1_tokenizer_source
+
+        from ccd_sampler.metadata import CoDiMetadata
+        from trainer.adapters.controlnet import build_adapter
+        from trainer.adapters.files import build_metadata, save_adapter
+        from trainer.models import load_base_model
+
         print("building the CoDi adapter (random ControlNet from the checkpoint's UNet) ...", flush=True)
         model = load_base_model(ckpt, tokenizer_path=sd1_tokenizer_source())
         net = build_adapter(model.unet, "controlnet")
@@ -124,7 +131,13 @@ def prepare(workdir: Path, full: bool, size: int) -> Path:
     if not stock.exists():
         stock.symlink_to(adapter)
     low = size // 4
-    photo = Image.fromarray(data.astronaut()).convert("RGB").resize((low, low), Image.LANCZOS)
+    try:
+        from skimage import data
+
+        array = data.astronaut()
+    except ImportError:  # a machine without scikit-image: any image does for timing
+        array = (np.indices((256, 256)).sum(0) % 256).astype(np.uint8)[..., None].repeat(3, -1)
+    photo = Image.fromarray(array).convert("RGB").resize((low, low), Image.LANCZOS)
     photo.save(base / "input" / INPUT_NAME)
     assert np.asarray(photo).shape == (low, low, 3)
     return base
@@ -272,7 +285,7 @@ for rep in range(spec["reps"]):
 RESULT = {"times": times, "median": {n: statistics.median(v) for n, v in times.items()},
           "nfe": {n: sorted(v) for n, v in nfe.items()}, "rows": {n: sorted(v) for n, v in rows.items()},
           "warm": warm, "loads": loads, "torch": torch.__version__, "threads": torch.get_num_threads(),
-          "outputs": outputs}
+          "outputs": outputs, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 '''
 
 
@@ -298,11 +311,12 @@ def write_report(out: Path, res: dict, args, size: int, seconds: float, load_sta
     ckpt = ("full-size SD1.5 architecture, random weights (`build_full_sd15`)" if args.full
             else "micro SD1.5 (`build_micro_sd15`: one-level UNet 320 ch, full-size CLIP-L + VAE), random weights")
     lines = [
-        "# CoDi in ComfyUI: speed on CPU (`benchmarks/comfy_speed.py`)",
+        f"# CoDi in ComfyUI: speed on {'GPU' if args.gpu else 'CPU'} (`benchmarks/comfy_speed.py`)",
         "",
-        f"Machine: {os.cpu_count()} CPU cores ({cpu_model()}), no GPU; torch {res['torch']} "
+        f"Machine: {os.cpu_count()} CPU cores ({cpu_model()}), {res.get('gpu') or 'no GPU'}; torch {res['torch']} "
         f"({res['threads']} intra-op thread{'s' if res['threads'] != 1 else ''}), ComfyUI {COMFYUI_VERSION} "
-        f"(`--cpu`, in-process via `tests/harness`), Python {platform.python_version()}.",
+        f"({'on the GPU' if args.gpu else '`--cpu`'}, in-process via `tests/harness`), "
+        f"Python {platform.python_version()}.",
         f"Load average (1 min) at start {load_start.split()[0]}, after each round of repetitions "
         f"{', '.join(res['loads'][1:])}, at end {load_end.split()[0]}: absolute seconds depend on what else "
         "the machine was doing; the ratios are measured side by side (interleaved repetitions) in one run.",
@@ -389,7 +403,7 @@ def write_report(out: Path, res: dict, args, size: int, seconds: float, load_sta
     return text
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="full-size SD1.5 architecture at 512x512 (slow on CPU)")
@@ -402,11 +416,13 @@ def main() -> None:
     parser.add_argument("--no-cfg75", action="store_true", help="skip the stock cfg 7.5 reference graph")
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "bench")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "comfy_speed.md")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers and ratios as JSON")
+    parser.add_argument("--gpu", action="store_true", help="run ComfyUI on the GPU (default: --cpu)")
+    args = parser.parse_args(argv)
     size = args.size or (512 if args.full else 128)
     if size % 32:
         parser.error("--size must be a multiple of 32 (4x SR of an image of a multiple of 8 pixels)")
-    command = " ".join(["python benchmarks/comfy_speed.py", *sys.argv[1:]])
+    command = " ".join(["python benchmarks/comfy_speed.py", *(sys.argv[1:] if argv is None else argv)])
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     start = time.perf_counter()
@@ -424,8 +440,8 @@ def main() -> None:
     spec = base / "bench_spec.json"
     spec.write_text(json.dumps({"prompts": prompts, "reps": args.reps, "seed": SEED, "seed_inputs": SEED_INPUTS}))
     print(f"running {len(prompts)} graphs x (1 warm-up + {args.reps}) in ComfyUI ...", flush=True)
-    run = run_inprocess(f"SPEC_PATH = {str(spec)!r}\n" + INPROCESS, base, timeout=24 * 3600,
-                        env={"OMP_NUM_THREADS": str(args.threads)}, check=False)
+    env = {"OMP_NUM_THREADS": str(args.threads), **({"CODI_COMFYUI_GPU": "1"} if args.gpu else {})}
+    run = run_inprocess(f"SPEC_PATH = {str(spec)!r}\n" + INPROCESS, base, timeout=24 * 3600, env=env, check=False)
     for line in run.log.splitlines():
         if line.startswith("[bench]"):
             print(line)
@@ -435,6 +451,14 @@ def main() -> None:
                         command)
     print(text)
     print(f"wrote {args.out}")
+    if args.json is not None:
+        med, nfe = run.result["median"], run.result["nfe"]
+        ratios = {"stock ControlNet + KSampler 50 steps / CoDi 4 steps (wall clock)":
+                  round(med["stock_cn_euler_50"] / med["codi_sr_4"], 3),
+                  "NFE CoDi / stock": f"{nfe['codi_sr_4'][0]} / {nfe['stock_cn_euler_50'][0]}"}
+        table = text.split("## (a)", 1)[1].split("\n\n", 2)[1] if "## (a)" in text else ""
+        args.json.write_text(json.dumps({**run.result, "ratios": ratios, "table": table, "command": command},
+                                        indent=1))
 
 
 if __name__ == "__main__":

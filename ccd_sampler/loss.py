@@ -35,6 +35,7 @@ ODE_MODELS = ("ema", "base", "online", "teacher")
 EPS_SOURCES = ("ddim", "true")
 CONSISTENCY_SPACES = ("x", "eps")
 GUIDANCE_MODES = ("none", "cfg", "distill")
+MIN_SNR_WEIGHTINGS = ("truncated", "x_space")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class CoDiLossConfig:
     consistency_space: str = "x"
     guidance_weight: float = 1.0
     min_snr_gamma: float | None = None
+    min_snr_weighting: str = "truncated"
     boundary: bool = True
     sigma_data: float = DEFAULT_SIGMA_DATA
     timestep_scaling: float = DEFAULT_TIMESTEP_SCALING
@@ -69,6 +71,8 @@ class CoDiLossConfig:
             raise ValueError(f"guidance_weight must be >= 0, got {self.guidance_weight}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be positive, got {self.min_snr_gamma}")
+        if self.min_snr_weighting not in MIN_SNR_WEIGHTINGS:
+            raise ValueError(f"min_snr_weighting must be one of {MIN_SNR_WEIGHTINGS}, got {self.min_snr_weighting!r}")
         w_min, w_max = (float(v) for v in self.cfg_range)
         if not 1.0 <= w_min <= w_max:
             raise ValueError(f"cfg_range must satisfy 1 <= w_min <= w_max, got {self.cfg_range}")
@@ -93,19 +97,28 @@ def _call(fn: Callable, z: torch.Tensor, t: torch.Tensor, cond: Any, w: torch.Te
 
 
 def _guided(fn: Callable, z: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, w: torch.Tensor,
-            neutral_w: torch.Tensor | None) -> torch.Tensor:
-    """``u + w (c - u)`` (:func:`~ccd_sampler.sampling.guided_output`; the adapter and condition image apply to both
-    branches); a ``w``-conditioned model gets ``neutral_w`` on both branches."""
+            neutral_w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u + w (c - u), c)`` in float32 (:func:`~ccd_sampler.sampling.guided_output`; the adapter and condition image
+    apply to both branches); a ``w``-conditioned model gets ``neutral_w`` on both branches."""
+    call = fn
     if neutral_w is not None:
         both = torch.cat([neutral_w, neutral_w])
-        return guided_output(lambda zz, tt, cc: fn(zz, tt, cc, both), z, t, cond, uncond, w)
-    return guided_output(fn, z, t, cond, uncond, w)
+        call = lambda zz, tt, cc: fn(zz, tt, cc, both)
+    branches = {}
+
+    def recording(zz, tt, cc):
+        out = call(zz, tt, cc).to(zz.dtype)
+        branches["cond"] = out.chunk(2)[0]
+        return out
+
+    guided = guided_output(recording, z, t, cond, uncond, w)
+    return guided, branches["cond"]
 
 
 def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, config: CoDiLossConfig,
               schedule: NoiseSchedule | None = None, base: Callable | None = None, uncond: Any = None,
-              generator: torch.Generator | None = None,
-              teacher: Callable | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+              generator: torch.Generator | None = None, teacher: Callable | None = None,
+              timestep_generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """The CoDi loss of one batch and its diagnostics.
 
     Args:
@@ -120,6 +133,8 @@ def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, co
             teacher (the two-stage baseline: fine-tune a ControlNet, then distill it).
         uncond: the empty-text conditioning (same structure as ``cond``) for ``guidance_mode`` ``cfg``/``distill``.
         generator: draws ``t``, the noise and ``w`` (so a seeded run is reproducible).
+        timestep_generator: draws ``t`` instead, when given: several processes training one model with a shared
+            ``t`` seed it alike while their noise differs.
 
     Returns:
         ``(loss, diagnostics)``: a scalar loss with a graph through ``online``; diagnostics hold detached floats
@@ -134,9 +149,14 @@ def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, co
     if config.ode_model == "teacher" and teacher is None:
         raise ValueError("ode_model='teacher' needs the frozen teacher model callable `teacher`")
 
-    t, s = draw_timesteps(batch, config.distill_grid, config.shared_timestep, schedule.num_train_timesteps, generator)
+    t, s = draw_timesteps(batch, config.distill_grid, config.shared_timestep, schedule.num_train_timesteps,
+                          timestep_generator or generator)
     t, s = t.to(x.device), s.to(x.device)
     gen_device = generator.device if generator is not None else x.device
+    # The schedule arithmetic, the conversions and the loss run in float32 (float64 stays float64) whatever dtype
+    # the models use: in bf16 the rounding of z_t alone costs x0 an RMS error of 0.04 at t = 980. The models cast
+    # their inputs themselves (autocast).
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     eps = torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device, x.dtype)
     w = None
     if config.guidance_mode != "none":
@@ -153,41 +173,52 @@ def codi_loss(online: Callable, target: Callable, x: torch.Tensor, cond: Any, co
         # 3. One-step PF-ODE to s, never guided (the authors report gradient blow-ups with CFG here).
         ode_fn = {"ema": target, "base": base, "online": online, "teacher": teacher}[config.ode_model]
         plain_call = config.ode_model in ("base", "teacher") or not distill
-        ode_out = ode_fn(z_t, t, cond) if plain_call else ode_fn(z_t, t, cond, neutral)
+        ode_out = (ode_fn(z_t, t, cond) if plain_call else ode_fn(z_t, t, cond, neutral)).to(x.dtype)
         x0_ode, eps_ode = to_x0_eps(ode_out, z_t, alpha_t, sigma_t, config.prediction_type)
         z_s = alpha_s * x0_ode + sigma_s * (eps_ode if config.eps_source == "ddim" else eps)
 
         # 4. Target at (z_s, s) from the EMA model.
         if config.guidance_mode == "none":
-            target_out = target(z_s, s, cond)
+            target_out = target(z_s, s, cond).to(x.dtype)
         else:
-            target_out = _guided(target, z_s, s, cond, uncond, w, neutral)
+            target_out, _ = _guided(target, z_s, s, cond, uncond, w, neutral)
         x0_target, _ = to_x0_eps(target_out, z_s, alpha_s, sigma_s, config.prediction_type)
         f_target = apply_boundary(z_s, x0_target, s, config.boundary, config.sigma_data, config.timestep_scaling)
 
-    # 5. Online prediction at (z_t, t), with gradient.
+    # 5. Online prediction at (z_t, t), with gradient. With CFG the consistency term compares guided outputs, but
+    # the regression to x acts on the conditional branch alone: on the guided output u + w (c - u) its expectation
+    # over w would contain E[w^2] |c - u|^2 and drive c - u, the guidance itself, to zero.
     if config.guidance_mode == "none":
-        online_out = online(z_t, t, cond)
+        online_out = online_cond = online(z_t, t, cond).to(x.dtype)
     elif distill:
-        online_out = online(z_t, t, cond, w)
+        online_out = online_cond = online(z_t, t, cond, w).to(x.dtype)
     else:
-        online_out = _guided(online, z_t, t, cond, uncond, w, None)
+        online_out, online_cond = _guided(online, z_t, t, cond, uncond, w, None)
     x0_online, _ = to_x0_eps(online_out, z_t, alpha_t, sigma_t, config.prediction_type)
     f = apply_boundary(z_t, x0_online, t, config.boundary, config.sigma_data, config.timestep_scaling)
+    f_cond = f
+    if online_cond is not online_out:
+        x0_cond, _ = to_x0_eps(online_cond, z_t, alpha_t, sigma_t, config.prediction_type)
+        f_cond = apply_boundary(z_t, x0_cond, t, config.boundary, config.sigma_data, config.timestep_scaling)
 
     # 6. Consistency term (+ optional Min-SNR-gamma weight) and conditional-guidance regression.
     reduce_dims = tuple(range(1, x.ndim))
-    if config.consistency_space == "x":
-        per_sample = (f.float() - f_target.float()).pow(2).mean(dim=reduce_dims)
+    x_distance = (f - f_target).pow(2).mean(dim=reduce_dims)
+    eps_space = config.consistency_space == "eps"
+    if eps_space:
+        # At s = 0 the boundary scaling makes f^- = z_s itself, whose implied noise is ~0, not a noise: there the
+        # noise distance would teach the model not to denoise, so those samples use the x-space distance.
+        eps_distance = (eps_from_x0(z_t, f, alpha_t, sigma_t)
+                        - eps_from_x0(z_s, f_target, alpha_s, sigma_s)).pow(2).mean(dim=reduce_dims)
+        per_sample = torch.where(s == 0, x_distance, eps_distance)
     else:
-        eps_f = eps_from_x0(z_t, f, alpha_t, sigma_t)
-        eps_target = eps_from_x0(z_s, f_target, alpha_s, sigma_s)
-        per_sample = (eps_f.float() - eps_target.float()).pow(2).mean(dim=reduce_dims)
+        per_sample = x_distance
     if config.min_snr_gamma is not None:
-        weight = min_snr_weight(schedule, t, config.min_snr_gamma, config.consistency_space)
+        space = ["eps" if eps_space and int(si) != 0 else "x" for si in s.tolist()]
+        weight = min_snr_weight(schedule, t, config.min_snr_gamma, space, config.min_snr_weighting)
         per_sample = per_sample * weight.to(x.device)
     loss_consistency = per_sample.mean()
-    loss_guidance = (f.float() - x.float()).pow(2).mean()
+    loss_guidance = (f_cond - x).pow(2).mean()
     loss = loss_consistency + config.guidance_weight * loss_guidance
 
     diagnostics = {
@@ -216,18 +247,33 @@ def diffusion_loss(online: Callable, x: torch.Tensor, cond: Any, schedule: Noise
     batch = x.shape[0]
     gen_device = generator.device if generator is not None else x.device
     t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator, device=gen_device).to(x.device)
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # schedule arithmetic and loss in float32 at least
     eps = torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device, x.dtype)
     alpha_t, sigma_t = schedule.alpha_sigma(t, like=x)
     z_t = alpha_t * x + sigma_t * eps
     target = {"epsilon": eps, "v_prediction": alpha_t * eps - sigma_t * x, "sample": x}[prediction_type]
-    loss = (online(z_t, t, cond).float() - target.float()).pow(2).mean()
+    loss = (online(z_t, t, cond).to(x.dtype) - target).pow(2).mean()
     return loss, {"loss_consistency": 0.0, "loss_guidance": float(loss.detach()), "t": t.tolist(), "s": None,
                   "w": None}
 
 
-def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, space: str) -> torch.Tensor:
-    """Min-SNR-gamma weights (Hang et al. 2023) giving an effective x-space weight ``min(SNR(t), gamma)``:
-    ``min(SNR, gamma)`` for an x-space loss, ``min(SNR, gamma) / SNR`` for an eps-space loss (float32 ``[B]``)."""
+def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, space, weighting: str = "x_space"
+                   ) -> torch.Tensor:
+    """Min-SNR-gamma weights ``[B]`` (float32) for a loss computed in ``space`` (``"x"`` or ``"eps"``, or one of them
+    per sample).
+
+    ``truncated`` (the CoDi reference code's choice): ``min(SNR, gamma) / SNR`` times the loss as computed -- in
+    x-space that keeps the high-noise steps (weight 1 where SNR < gamma) and damps the low-noise ones, which 1-4-step
+    sampling needs least. ``x_space`` (Hang et al.'s Min-SNR-gamma): an effective x-space weight ``min(SNR, gamma)``,
+    i.e. ``min(SNR, gamma)`` on an x-space loss and ``min(SNR, gamma) / SNR`` on an eps-space one; it nearly ignores
+    the high-noise steps (0.0059 at t = 980 for SD's schedule).
+    """
+    if weighting not in MIN_SNR_WEIGHTINGS:
+        raise ValueError(f"unknown min-SNR weighting {weighting!r}; one of {MIN_SNR_WEIGHTINGS}")
     snr = schedule.snr(t.cpu())
     clipped = snr.clamp(max=gamma)
-    return (clipped if space == "x" else clipped / snr).float()
+    truncated = torch.where(snr < gamma, torch.ones_like(snr), gamma / snr)  # = min(SNR, gamma) / SNR, finite at 0
+    spaces = [space] * len(snr) if isinstance(space, str) else list(space)
+    if weighting == "truncated":
+        return truncated.float()
+    return torch.stack([c if sp == "x" else tr for c, tr, sp in zip(clipped, truncated, spaces)]).float()

@@ -24,6 +24,11 @@ codi.sampler_mode          ode or consistency                                   
 codi.hint_preprocessing    JSON object describing how the hint image is built     ``{"type": "sr", "scale": 4}``
 codi.objective             codi (distilled: 1-4 steps) or diffusion (plain         ``codi``
                            ControlNet fine-tune: sample with many steps)
+codi.zero_terminal_snr     trained on the zero-terminal-SNR schedule (Lin et al.)  ``false``
+codi.clip_skip             text-encoder layer from the end (ComfyUI's              ``1``
+                           CLIPSetLastLayer = -clip_skip); 0 = not recorded
+codi.ema_decay             EMA decay of the saved weights; 0 = not recorded        ``0.999``
+codi.ema_warmup            the EMA used the warm-up min(decay, (1+n)/(10+n))       ``true``
 =========================  ======================================================  ==================
 """
 
@@ -38,7 +43,7 @@ from .loss import GUIDANCE_MODES
 from .parameterization import PREDICTION_TYPES, normalize_prediction_type
 from .sampling import SAMPLER_MODES
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: zero_terminal_snr, clip_skip, ema_decay, ema_warmup
 PREFIX = "codi."
 OBJECTIVES = ("codi", "diffusion")  # diffusion: a plain ControlNet fine-tune, to be sampled with many steps
 TASKS = ("sr", "inpaint", "canny", "depth", "gray", "blur", "jpeg", "paired")
@@ -67,6 +72,10 @@ class CoDiMetadata:
     sampler_mode: str = "ode"
     hint_preprocessing: dict = field(default_factory=dict)
     objective: str = "codi"
+    zero_terminal_snr: bool = False
+    clip_skip: int = 0
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -110,6 +119,12 @@ class CoDiMetadata:
             bad("hint_preprocessing", "must be a JSON object")
         if self.objective not in OBJECTIVES:
             bad("objective", f"must be one of {OBJECTIVES}")
+        if not 0 <= self.clip_skip <= 12:
+            bad("clip_skip", "must be in 0..12")
+        if not 0.0 <= self.ema_decay < 1.0:
+            bad("ema_decay", "must be in [0, 1)")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            bad("zero_terminal_snr", "needs a v- or x-prediction model (epsilon cannot predict at alpha = 0)")
 
     def to_metadata(self) -> dict[str, str]:
         """The ``codi.*`` keys as safetensors string metadata."""

@@ -18,6 +18,9 @@ from .types import CoDiInfoType
 
 logger = logging.getLogger("codi")
 
+# The layer each architecture family's CLIP uses in ComfyUI by default, counted from the end.
+DEFAULT_CLIP_SKIP = {"sd1": 1, "sd2": 2, "sdxl": 2}
+
 
 def adapter_names() -> list[str]:
     import folder_paths
@@ -36,8 +39,23 @@ def adapter_path(name: str) -> str:
     return path
 
 
-def load_adapter(name: str):
-    """``(control_net, info)`` for the adapter file ``name``."""
+def check_clip_layer(info, clip) -> str | None:
+    """A warning when the workflow's CLIP conditions on another layer than the adapter was trained with (None when
+    they agree or either is unknown)."""
+    trained = info.metadata.clip_skip
+    if not trained or clip is None:
+        return None
+    layer = getattr(clip, "layer_idx", None)
+    used = -int(layer) if layer is not None else DEFAULT_CLIP_SKIP.get(info.family or "", 0)
+    if not used or used == trained:
+        return None
+    return (f"CoDi: adapter {info.name} was trained on the text encoder's layer -{trained} (trainer --clip_skip "
+            f"{trained}) but this workflow's CLIP uses layer -{used}: add a CLIP Set Last Layer node with "
+            f"stop_at_clip_layer = -{trained} for the conditioning the adapter expects")
+
+
+def load_adapter(name: str, clip=None):
+    """``(control_net, info)`` for the adapter file ``name``; ``clip``: the workflow's CLIP, to check its layer."""
     import comfy.controlnet
 
     path = adapter_path(name)
@@ -53,6 +71,9 @@ def load_adapter(name: str):
         raise ValueError(f"CoDi adapter {name!r} ({path}) holds no ControlNet, Control-LoRA or T2I-adapter weights")
     control_net.codi_info = info
     logger.info("CoDi: loaded %s as %s", info.describe(), type(control_net).__name__)
+    warning = check_clip_layer(info, clip)
+    if warning:
+        logger.warning(warning)
     if info.metadata.objective == "diffusion":
         logger.warning("CoDi: %s was trained with the plain diffusion loss (an ordinary ControlNet, trainer --loss "
                        "diffusion), not distilled: sample it with many steps (KSampler, 20-50 steps); at 1-4 CoDi "
@@ -71,11 +92,14 @@ class CoDiAdapterLoader(io.ComfyNode):
                         "models/controlnet. Outputs the CONTROL_NET (works with the stock Apply ControlNet nodes) "
                         "and its sampler facts (grid, boundary, recommended steps/cfg/mode) from the file's "
                         "codi.* metadata.",
-            inputs=[io.Combo.Input("adapter_name", options=adapter_names())],
+            inputs=[io.Combo.Input("adapter_name", options=adapter_names()),
+                    io.Clip.Input("clip", optional=True,
+                                  tooltip="Optional: the workflow's CLIP, to warn when it conditions on another "
+                                          "text-encoder layer than the adapter was trained with (clip skip).")],
             outputs=[io.ControlNet.Output(display_name="control_net"),
                      CoDiInfoType.Output(display_name="codi_info")],
         )
 
     @classmethod
-    def execute(cls, adapter_name) -> io.NodeOutput:
-        return io.NodeOutput(*load_adapter(adapter_name))
+    def execute(cls, adapter_name, clip=None) -> io.NodeOutput:
+        return io.NodeOutput(*load_adapter(adapter_name, clip))

@@ -71,13 +71,19 @@ def prediction_type_of(model_sampling) -> str:
                      "computes its denoised output another way (an LCM / x0 / EDM patch?)")
 
 
-def codi_model_sampling(current, model_config, *, boundary: bool, sigma_data: float, timestep_scaling: float):
-    """A new model-sampling object: ``current``'s class with the CoDi boundary mixed in, ``current``'s sigmas."""
+def codi_model_sampling(current, model_config, *, boundary: bool, sigma_data: float, timestep_scaling: float,
+                        zero_terminal_snr: bool = False):
+    """A new model-sampling object: ``current``'s class with the CoDi boundary mixed in and ``current``'s sigmas --
+    or, for an adapter trained on the zero-terminal-SNR schedule while the model samples with SD's, that schedule as
+    ComfyUI's own ``zsnr`` option builds it (the stock ModelSamplingDiscrete node's ``zsnr``)."""
     prediction_type_of(current)  # refuses EDM / flow / continuous models
     base = _unpatched_class(type(current))  # patching a patched model: mix into the original class
     cls = type(f"CoDi{base.__name__}", (CoDiBoundaryMixin, base), {})
-    patched = cls(model_config)
-    patched.set_sigmas(current.sigmas.detach().clone())  # keeps zsnr or another patch's schedule
+    if zero_terminal_snr and not getattr(current, "zsnr", False):
+        patched = cls(model_config, zsnr=True)
+    else:
+        patched = cls(model_config)
+        patched.set_sigmas(current.sigmas.detach().clone())  # keeps zsnr or another patch's schedule
     patched.sigma_data = current.sigma_data
     patched.codi_boundary = bool(boundary)
     patched.codi_sigma_data = float(sigma_data)
@@ -140,8 +146,12 @@ def patch_model(model, info: CoDiInfo | None = None, boundary: str = "auto", lor
                        "prediction type", node, info.name, info.metadata.prediction_type, prediction)
     sigma_data = info.metadata.sigma_data if info is not None else DEFAULT_SIGMA_DATA
     scaling = info.metadata.timestep_scaling if info is not None else DEFAULT_TIMESTEP_SCALING
+    zsnr = info is not None and info.metadata.zero_terminal_snr
+    if zsnr and not getattr(current, "zsnr", False):
+        logger.info("CoDi %s: adapter %s was trained on the zero-terminal-SNR schedule: the model samples with it "
+                    "too (ComfyUI's zsnr rescaling)", node, info.name)
     sampling = codi_model_sampling(current, patched.model.model_config, boundary=resolve_boundary(boundary, info),
-                                   sigma_data=sigma_data, timestep_scaling=scaling)
+                                   sigma_data=sigma_data, timestep_scaling=scaling, zero_terminal_snr=zsnr)
     patched.add_object_patch("model_sampling", sampling)
     return patched
 

@@ -22,9 +22,9 @@ import pytest  # noqa: E402
 
 from harness import REPO_ROOT, ComfyUINotPrepared, make_base_dir, require_comfyui  # noqa: E402
 
-# session fixtures with random-weight checkpoints (micro_sd15, small_sd2v, small_sdxl, ...) and the workflow tests'
-# wf_base
-pytest_plugins = ["model_builders", "workflow_env"]
+# session fixtures: random-weight checkpoints (micro_sd15, small_sd2v, small_sdxl, ...), the workflow tests' wf_base
+# and the trainer tests' gray_pairs
+pytest_plugins = ["model_builders", "workflow_env", "trainer_helpers"]
 
 
 class _RepoRootIsNotATestPackage:

@@ -234,6 +234,29 @@ def build_full_sd15(path, seed: int = 0, *, dtype: torch.dtype = torch.float16) 
     return BuiltCheckpoint(path, "sd1", unet, vae, [clip], {}, time.perf_counter() - start)
 
 
+def build_full_sdxl(path, seed: int = 0, *, dtype: torch.dtype = torch.float16) -> BuiltCheckpoint:
+    """Full-size SDXL base architecture (UNet 2.57B, CLIP-L + OpenCLIP-bigG, VAE) with random weights, stored in
+    ``dtype`` (for benchmarks: memory and speed do not depend on the weights' values)."""
+    from trainer.models.single_file import standard_unet_config
+
+    start = time.perf_counter()
+    config = dict(standard_unet_config("sdxl"))
+    config.pop("norm_num_groups", None)
+    unet = make_unet(seed, **config)
+    clip_l = make_clip(seed + 1, hidden=768, layers=12, intermediate=3072, open_clip=False)
+    clip_g = make_clip(seed + 2, hidden=1280, layers=32, intermediate=5120, open_clip=True, projection_dim=1280)
+    vae = make_vae(seed + 3, [128, 256, 512, 512], 2, 0.13025)
+    tensors = {**{k: v.to(dtype) for k, v in unet_to_ldm(unet).items()},
+               **clip_to_ldm(clip_l, "conditioner.embedders.0.transformer.", stored_as(clip_l, dtype)),
+               **{k: v.to(dtype) if v.is_floating_point() else v
+                  for k, v in clip_to_open_clip(clip_g, "conditioner.embedders.1.model.").items()},
+               **vae_to_ldm(vae, stored_as(vae, dtype))}
+    metadata = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-xl-v1-base",
+                "modelspec.resolution": "1024x1024"}
+    path = _write(path, tensors, metadata)
+    return BuiltCheckpoint(path, "sdxl", unet, vae, [clip_l, clip_g], metadata, time.perf_counter() - start)
+
+
 def build_small_sd2v(path, seed: int = 0, *, v_marker: str | None = "key") -> BuiltCheckpoint:
     """Small SD2.x: UNet 64/128 channels (heads = channels / 64, linear projections), 2-layer OpenCLIP text encoder
     (width 64) in ``cond_stage_model.model.*``, small VAE. ``v_marker``: ``"key"`` (a ``v_pred`` tensor, as ComfyUI

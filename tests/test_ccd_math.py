@@ -342,6 +342,60 @@ def test_loss_is_zero_for_a_perfect_consistency_model_with_exact_data():
         assert float(loss) < 1e-12, space
 
 
+def test_perfect_denoiser_scores_near_zero_at_every_grid_index_in_both_spaces():
+    """The oracle (x0 = x exactly) at every index i = 1..49 of the grid, in x and eps space. At i = 1 (s = 0) the
+    boundary scaling makes the target z_0 itself, whose implied noise is ~0: the eps-space distance would then be
+    |eps|^2 ~ 1 for the perfect model (the bug this test pins down), so s = 0 uses the x-space distance, ~sigma_0^2.
+    A model that does not denoise at t = 20 (returns f = z_t) must score worse than the perfect one there."""
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def perfect(z, t, cond, w=None):
+        alpha, sigma = SCHEDULE.alpha_sigma(t, like=z)
+        return (z - alpha * x) / sigma
+
+    def lazy(z, t, cond, w=None):  # x0_hat = z_t: "not denoising" (eps-param out = z (1 - alpha) / sigma)
+        alpha, sigma = SCHEDULE.alpha_sigma(t, like=z)
+        return z * (1 - alpha) / sigma
+
+    seen = {}
+    for space in ("x", "eps"):
+        for seed in range(400):
+            config = cs.CoDiLossConfig(consistency_space=space)
+            _, diag = cs.codi_loss(perfect, perfect, x, None, config, generator=torch.Generator().manual_seed(seed))
+            seen.setdefault((space, diag["t"][0]), diag["loss_consistency"])
+        values = {t: v for (sp, t), v in seen.items() if sp == space}
+        assert set(values) == set(range(20, 1000, 20)), "every grid index drawn"
+        assert max(v for t, v in values.items() if t > 20) < 1e-9, space
+        assert values[20] < 2e-3, (space, values[20])  # sigma_0^2 + (1 - alpha_0)^2 ~ 8.5e-4: ~0, not ~1
+    for space in ("x", "eps"):
+        config = cs.CoDiLossConfig(consistency_space=space, distill_grid=50)
+        # the first generator seed whose shared draw is i = 1 (t = 20, s = 0)
+        seed = next(k for k in range(400) if cs.draw_timesteps(1, 50, True, generator=torch.Generator()
+                                                                  .manual_seed(k))[0][0] == 20)
+        good, _ = cs.codi_loss(perfect, perfect, x, None, config, generator=torch.Generator().manual_seed(seed))
+        bad, _ = cs.codi_loss(lazy, perfect, x, None, config, generator=torch.Generator().manual_seed(seed))
+        assert float(good) < 0.1 * float(bad), (space, float(good), float(bad))
+
+
+def test_cfg_regression_acts_on_the_conditional_branch():
+    """With CFG-aware distillation the lambda |f - x|^2 term regresses the conditional branch: a model whose
+    conditional branch is perfect and whose unconditional branch predicts something else (c - u != 0: guidance)
+    has no regression loss, whatever w. On the guided output it would pay E[w^2] |c - u|^2 and so learn to cancel
+    its own guidance."""
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def model(z, t, c, w=None):
+        alpha, sigma = SCHEDULE.alpha_sigma(t, like=z)
+        perfect = (z - alpha * x.repeat(z.shape[0] // x.shape[0], 1)) / sigma
+        return torch.where(c.bool(), perfect, perfect + 0.5)  # c: 1 = conditional branch, 0 = unconditional
+
+    cond, uncond = torch.ones(8, 1), torch.zeros(8, 1)
+    config = cs.CoDiLossConfig(guidance_mode="cfg", cfg_range=(2.0, 8.0), guidance_weight=1.0)
+    _, diag = cs.codi_loss(model, model, x, cond, config, uncond=uncond, generator=torch.Generator().manual_seed(0))
+    assert diag["loss_guidance"] < 1e-12
+    assert diag["loss_consistency"] > 1e-3  # the guided outputs differ from x: the consistency term still sees w
+
+
 def test_loss_options_change_the_computation():
     _, online, target = _toy_models()
     x, cond = torch.randn(8, 2), torch.randn(8, 2)
@@ -357,7 +411,8 @@ def test_loss_options_change_the_computation():
     assert run(eps_source="true")[1]["loss_consistency"] != base_diag["loss_consistency"]
     assert run(consistency_space="eps")[1]["loss_consistency"] != base_diag["loss_consistency"]
     assert math.isclose(float(run(guidance_weight=0.0)[0].detach()), base_diag["loss_consistency"], rel_tol=1e-5)
-    assert run(min_snr_gamma=5.0)[1]["loss_consistency"] != base_diag["loss_consistency"]
+    assert run(min_snr_gamma=5.0, min_snr_weighting="x_space")[1]["loss_consistency"] != \
+        base_diag["loss_consistency"]
     cfg_loss, cfg_diag = run(guidance_mode="cfg", cfg_range=(2.0, 8.0))
     assert all(2.0 <= w <= 8.0 for w in cfg_diag["w"])
     assert run(ode_model="online")[1]["loss_consistency"] == base_diag["loss_consistency"]  # same init weights
@@ -466,6 +521,13 @@ def test_min_snr_weights():
     we = cs.min_snr_weight(SCHEDULE, t, 5.0, "eps")
     assert torch.allclose(wx.double(), snr.clamp(max=5.0), rtol=1e-6)
     assert torch.allclose(we.double() * snr, snr.clamp(max=5.0), rtol=1e-5)
+    # the CoDi reference code's weighting: min(SNR, gamma) / SNR on the loss as computed -- 1 at the high-noise
+    # steps (SNR < gamma), gamma / SNR at the low-noise ones; x-space weighting nearly ignores t = 980 instead
+    truncated = cs.min_snr_weight(SCHEDULE, t, 5.0, "x", "truncated")
+    assert torch.allclose(truncated.double(), snr.clamp(max=5.0) / snr, rtol=1e-5)
+    assert float(truncated[2]) == 1.0 and float(truncated[0]) < 0.1 and float(wx[2]) < 0.01
+    zsnr = cs.NoiseSchedule.from_config({"rescale_betas_zero_snr": True})
+    assert float(cs.min_snr_weight(zsnr, torch.tensor([999]), 5.0, "x", "truncated")[0]) == 1.0  # finite at SNR 0
 
 
 # ---------------------------------------------------------------- EMA
@@ -476,7 +538,7 @@ def test_ema_update_swap_state():
     with torch.no_grad():
         module.weight.fill_(0.0)
         module.bias.fill_(0.0)
-    ema = cs.EMA(module, decay=0.9)
+    ema = cs.EMA(module, decay=0.9, warmup=False)
     with torch.no_grad():
         module.weight.fill_(1.0)
         module.bias.fill_(1.0)
@@ -495,6 +557,28 @@ def test_ema_update_swap_state():
         ema.update(torch.nn.Linear(3, 3, bias=False))
     with pytest.raises(ValueError, match="decay"):
         cs.EMA(module, decay=1.0)
+
+
+def test_ema_warmup_leaves_little_of_the_initialisation():
+    """A weight that jumps from its initial 0 to 1 at once: after 2,000 updates at decay 0.999 the plain EMA still
+    holds 0.999^2000 = 13.5 % of the initial value; with the warm-up min(decay, (1+n)/(10+n)) less than 1 %. The
+    warm-up survives a save/resume."""
+    def run(warmup, updates=2000):
+        param = torch.nn.Parameter(torch.zeros(1))
+        ema = cs.EMA({"w": param}, decay=0.999, warmup=warmup)
+        with torch.no_grad():
+            param.fill_(1.0)
+        for _ in range(updates):
+            ema.update({"w": param})
+        return ema
+
+    plain, warm = run(False), run(True)
+    assert abs((1 - float(plain.shadow["w"])) - 0.999 ** 2000) < 1e-4 and 0.13 < 1 - float(plain.shadow["w"]) < 0.14
+    assert 1 - float(warm.shadow["w"]) < 0.01
+    assert warm.current_decay() == 2001 / 2010 and run(True, 0).current_decay() == 0.1  # below 0.999 until n = 8990
+    resumed = cs.EMA({"w": torch.nn.Parameter(torch.zeros(1))}, decay=0.5, warmup=False)
+    resumed.load_state_dict(run(True, 3).state_dict())
+    assert resumed.warmup and resumed.current_decay() == min(0.999, 4 / 13)
 
 
 # ---------------------------------------------------------------- metadata

@@ -64,8 +64,12 @@ def test_fine_tune_to_v_prediction_zero_terminal_snr_and_unit_variance(bundle, t
 
     out = tmp_path / "v_zsnr"
     pretrain_base.main(["--steps", "1", "--out", str(out), "--init_from", str(bundle), "--prediction_type",
-                        "v_prediction", "--zero_terminal_snr", "--data_scale", "2.0", *TINY])
+                        "v_prediction", "--zero_terminal_snr", "--data_scale", "2.0", "--save_dtype", "float16",
+                        "--modelspec_architecture", "codi-mini-pixel-v2", *TINY])
     base = load_base_model(out)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (out / weights).stat().st_size < 0.55 * (bundle / weights).stat().st_size  # stored in float16 ...
+    assert base.unet.dtype == torch.float32 and base.modelspec_architecture == "codi-mini-pixel-v2"  # ... read as fp32
     assert base.prediction_type == "v_prediction" and base.vae_scaling_factor == 2.0
     assert base.scheduler["rescale_betas_zero_snr"] is True
     schedule = cs.NoiseSchedule.from_config(base.scheduler)

@@ -88,6 +88,10 @@ def codi_files(tmp_path_factory, micro_sd15, sd1_tokenizer_dir, comfyui_dir):
     # the same Control-LoRA where the stock ControlNetLoader looks
     shutil.copy(models / "codi" / "codi_cl.safetensors", models / "controlnet" / "codi_cl_stock.safetensors")
     save_adapter(models / "controlnet" / "plain_cn.safetensors", cn_state)  # no metadata: a stock file
+    # an adapter of a v-prediction, zero-terminal-SNR base trained with --clip_skip 2
+    zsnr_codi = CoDiMetadata(task="paired", adapter_type="controlnet", prediction_type="v_prediction",
+                             zero_terminal_snr=True, clip_skip=2)
+    save_adapter(models / "codi" / "codi_zsnr.safetensors", cn_state, meta("controlnet", zsnr_codi))
     save_adapter(models / "controlnet" / "sdxl_cn.safetensors", cn_state,
                  meta("controlnet", cn_codi, arch="stable-diffusion-xl-v1-base"))
     data = (models / "controlnet" / "codi_cn.safetensors").read_bytes()
@@ -295,6 +299,29 @@ for steps in (0, 9):
         scheduler.codi_sigmas(patched, steps)
     except ValueError as e:
         direct_errors[str(steps)] = str(e)
+# zero terminal SNR: ComfyUI's own zsnr model vs a plain v model patched with a zero-terminal-SNR adapter
+loader = importlib.import_module(pack + ".nodes.loader")
+model_patch = importlib.import_module(pack + ".nodes.model_patch")
+discrete = env.nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]()
+comfy_zsnr = discrete.patch(model, "v_prediction", True)[0]
+plain_v = discrete.patch(model, "v_prediction", False)[0]
+start = len(env.log_records)
+_, info_z = loader.load_adapter("codi_zsnr.safetensors", clip)  # the SD1 CLIP at its default layer -1
+clip_warnings = [r for r in env.log_records[start:] if "CLIP Set Last Layer" in r]
+clip_2 = clip.clone()
+clip_2.clip_layer(-2)
+start = len(env.log_records)
+loader.load_adapter("codi_zsnr.safetensors", clip_2)
+clip_warnings_at_2 = [r for r in env.log_records[start:] if "CLIP Set Last Layer" in r]
+patched_z = model_patch.patch_model(plain_v, info_z)
+zsnr = {"codi": scheduler.codi_sigmas(patched_z, 4, info=info_z).tolist(),
+        "comfy": comfy_zsnr.get_model_object("model_sampling").sigma(
+            torch.tensor([980.0, 720.0, 460.0, 200.0])).tolist(),
+        "codi_on_comfy_zsnr": scheduler.codi_sigmas(model_patch.patch_model(comfy_zsnr, info_z), 4,
+                                                    info=info_z).tolist(),
+        "plain_v": scheduler.codi_sigmas(model_patch.patch_model(plain_v), 4).tolist(),
+        "patched_zsnr_flag": bool(getattr(patched_z.get_model_object("model_sampling"), "zsnr", False)),
+        "clip_warnings": clip_warnings, "clip_warnings_at_2": clip_warnings_at_2}
 ms = model.get_model_object("model_sampling")
 t = torch.arange(1000, dtype=torch.float32)
 back = ms.timestep(ms.sigma(t))
@@ -303,7 +330,7 @@ save_file(tensors, spec["tensors_path"])
 RESULT = {"results": results, "object_info": object_info, "model_config": type(model.model.model_config).__name__,
           "timestep_roundtrip_exact": bool(torch.equal(back.float(), t)),
           "timestep_980": int(ms.timestep(ms.sigma(torch.tensor([980.0])))[0]),
-          "schedules": schedules, "direct_errors": direct_errors,
+          "schedules": schedules, "direct_errors": direct_errors, "zsnr": zsnr,
           "log": [r for r in env.log_records if "CoDi" in r]}
 '''
 
@@ -344,7 +371,7 @@ def test_nodes_are_listed_with_documented_inputs_and_outputs(comfy_run):
     info = comfy_run.object_info
     assert set(CODI_NODES) <= set(info), sorted(info)
     expect = {
-        "CoDiAdapterLoader": (["adapter_name"], [], ["CONTROL_NET", "CODI_INFO"], "loaders/codi"),
+        "CoDiAdapterLoader": (["adapter_name"], ["clip"], ["CONTROL_NET", "CODI_INFO"], "loaders/codi"),
         "CoDiModelPatch": (["model", "boundary", "lora_name", "lora_strength"], ["codi_info"], ["MODEL"],
                            "sampling/codi"),
         "CoDiScheduler": (["model", "steps", "grid", "end", "denoise"], ["codi_info"], ["SIGMAS"], "sampling/codi"),
@@ -415,6 +442,27 @@ def _pure_torch_latent(codi_files, comfy_run, adapter_key, steps, cfg, mode, see
 
     return cs.sample(denoise, noise, cs.codi_timesteps(steps, 50), "epsilon", mode=mode, cond=cond, uncond=uncond,
                      cfg=cfg, generator=torch.Generator().manual_seed(seed + 1), final=final)
+
+
+def test_zero_terminal_snr_adapter_samples_with_comfyuis_zsnr_sigmas(comfy_run):
+    """An adapter trained on the zero-terminal-SNR schedule makes the patched model sample with exactly the sigmas
+    ComfyUI's own zsnr option gives (stock ModelSamplingDiscrete, zsnr on), also when the workflow did not set it;
+    and those are ccd_sampler's rescaled schedule."""
+    z = comfy_run.zsnr
+    assert z["patched_zsnr_flag"]
+    assert z["codi"][:4] == z["comfy"] and z["codi"][-1] == 0.0
+    assert z["codi_on_comfy_zsnr"] == z["codi"]
+    ours = cs.NoiseSchedule.from_config({"rescale_betas_zero_snr": True}).sigma_karras(
+        torch.tensor([980, 720, 460, 200]))
+    assert torch.allclose(torch.tensor(z["codi"][:4], dtype=torch.float64), ours, rtol=1e-4)
+    assert z["plain_v"][0] < z["codi"][0]  # SD's schedule ends lower (sigma_980 ~ 14.6 vs ~46 rescaled)
+
+
+def test_loader_warns_when_the_clip_layer_differs_from_the_adapters(comfy_run):
+    """codi.clip_skip = 2 against a CLIP at SD1's default last layer: a warning that names the node to add; none
+    once the CLIP uses layer -2."""
+    assert len(comfy_run.zsnr["clip_warnings"]) == 1 and "stop_at_clip_layer = -2" in comfy_run.zsnr["clip_warnings"][0]
+    assert comfy_run.zsnr["clip_warnings_at_2"] == []
 
 
 def test_text_embeddings_match_the_trainer(codi_files, comfy_run):

@@ -84,6 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--data_scale", type=float, default=1.0,
                    help="latents = pixels in [-1, 1] times this (the bundle's vae_scaling_factor); 2.0 gives the "
                         "photos unit variance, as SD's latent scaling factor does for its latents")
+    p.add_argument("--modelspec_architecture", default="codi-mini-pixel-v1",
+                   help="the bundle's name in adapters' modelspec.architecture")
+    p.add_argument("--save_dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of the bundle's UNet weights (float16 halves the committed file)")
     p.add_argument("--init_from", type=Path, default=None,
                    help="start from the UNet of this base bundle instead of random weights (a fine-tune)")
     p.add_argument("--no_progress", action="store_true")
@@ -164,7 +168,7 @@ def main(argv=None) -> dict:
     else:
         unet = UNet2DConditionModel(**unet_config(args.channels)).to(device)
     unet.train()
-    ema = cs.EMA(unet, decay=args.ema_decay)
+    ema = cs.EMA(unet, decay=args.ema_decay, warmup=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     step, losses, seconds_before = 0, [], 0.0
     state_path = args.state_dir / STATE_FILE
@@ -196,7 +200,6 @@ def main(argv=None) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
-        ema.decay = min(args.ema_decay, (1 + ema.num_updates) / (10 + ema.num_updates))
         ema.update(unet)
         step += 1
         losses.append(float(loss.detach()))
@@ -212,9 +215,9 @@ def main(argv=None) -> dict:
     ema_unet = copy.deepcopy(unet).eval()
     ema.copy_to(ema_unet)
     out = args.out
-    write_bundle(out, ema_unet, architecture="mini-pixel", modelspec_architecture="codi-mini-pixel-v1",
+    write_bundle(out, ema_unet, architecture="mini-pixel", modelspec_architecture=args.modelspec_architecture,
                  prediction_type=args.prediction_type, resolution=RESOLUTION, scheduler=scheduler,
-                 vae_scaling_factor=args.data_scale,
+                 vae_scaling_factor=args.data_scale, unet_dtype=getattr(torch, args.save_dtype),
                  extra={"conditioning": "none: unconditional base; the UNet cross-attends to zeros, captions are "
                                         "ignored",
                         "split": "split.json", "pretrain_log": "pretrain_log.json", "samples": "samples.png",

@@ -96,12 +96,19 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
-    sys.argv = ["main.py", "--cpu", "--base-directory", base_dir, "--disable-api-nodes",
+    # CODI_COMFYUI_GPU=1 (benchmarks/gpu_check.py on a GPU machine): ComfyUI on the GPU instead of --cpu
+    gpu = os.environ.get("CODI_COMFYUI_GPU") == "1"
+    sys.argv = ["main.py", *([] if gpu else ["--cpu"]), "--base-directory", base_dir, "--disable-api-nodes",
                 "--database-url", "sqlite:///:memory:", *extra]
+    try:
+        import comfyui_frontend_package  # noqa: F401
+    except ImportError:  # a machine without the frontend (in-process runs serve no page): any folder will do
+        sys.argv += ["--front-end-root", os.path.join(base_dir, "_no_frontend")]
+        os.makedirs(sys.argv[-1], exist_ok=True)
     import comfy.options
     comfy.options.enable_args_parsing()
     from comfy.cli_args import args
-    assert args.cpu, "ComfyUI must run with --cpu here"
+    assert args.cpu != gpu, "ComfyUI must run with --cpu here (CODI_COMFYUI_GPU=1 runs it on the GPU)"
 
     # main.py as a module: its import-time work is ComfyUI's real start-up (logger, extra model paths, custom nodes'
     # prestartup scripts, and the import order that matters: `utils` the package is imported before `nodes`, which

@@ -18,8 +18,8 @@ the only one ComfyUI's ControlNet knows) is the pixels-per-latent factor of the 
 (``benchmarks/mini``, no VAE) uses 1, and then the hint embedding's stride-2 convs run at stride 1 (same weights, same
 keys, the hint stays at the latent = image resolution).
 
-Trainable weights are created in float32 (the loop keeps them fp32 beside a half-precision base unless
-``--full_fp16/bf16``; run the forward under ``torch.autocast`` when the base is half precision).
+Trainable weights are created in float32 (the loop keeps them float32 beside a half-precision base; run the forward
+under ``torch.autocast`` when the base is half precision).
 """
 
 from __future__ import annotations
@@ -379,16 +379,31 @@ def text_conditioning(text: dict, hint: torch.Tensor) -> dict:
     return cond
 
 
+def _cast(tree, dtype: torch.dtype):
+    """Floating tensors of a (nested) dict cast to ``dtype``; everything else unchanged."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dtype) if tree.is_floating_point() else tree
+    if isinstance(tree, dict):
+        return {k: _cast(v, dtype) for k, v in tree.items()}
+    return tree
+
+
 def adapted_unet_output(unet: nn.Module, adapter: Adapter | None, sample, timestep, cond: dict) -> torch.Tensor:
     """``unet(...).sample`` with the adapter's residuals added (``adapter=None``: the plain base UNet).
-    ``cond``: ``encoder_hidden_states``, ``hint``, optional ``added_cond_kwargs`` and ``conditioning_scale``."""
+    ``cond``: ``encoder_hidden_states``, ``hint``, optional ``added_cond_kwargs`` and ``conditioning_scale``.
+
+    Each network gets its inputs in its own dtype (a half-precision base beside a float32 adapter under mixed
+    precision, float32 sampler states), so the call works with and without autocast."""
+    dtype = unet.dtype
     ehs = cond["encoder_hidden_states"]
     added = cond.get("added_cond_kwargs")
-    if adapter is None:
-        return unet(sample, timestep, ehs, added_cond_kwargs=added, return_dict=False)[0]
-    down, mid = adapter(sample, timestep, ehs, cond["hint"], added_cond_kwargs=added,
-                        conditioning_scale=cond.get("conditioning_scale", 1.0))
-    dtype = unet.dtype
-    return unet(sample, timestep, ehs, added_cond_kwargs=added,
-                down_block_additional_residuals=[d.to(dtype) for d in down],
-                mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
+    residuals = {}
+    if adapter is not None:
+        own = next(adapter.parameters()).dtype
+        down, mid = adapter(sample.to(own), timestep, ehs.to(own), cond["hint"].to(own),
+                            added_cond_kwargs=_cast(added, own),
+                            conditioning_scale=cond.get("conditioning_scale", 1.0))
+        residuals = {"down_block_additional_residuals": [d.to(dtype) for d in down],
+                     "mid_block_additional_residual": mid.to(dtype)}
+    return unet(sample.to(dtype), timestep, ehs.to(dtype), added_cond_kwargs=_cast(added, dtype), return_dict=False,
+                **residuals)[0]

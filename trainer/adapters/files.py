@@ -35,7 +35,7 @@ SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp32": torch.float32, "f
                    "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 BASE_ARCHITECTURES = ("stable-diffusion-v1", "stable-diffusion-v2-512", "stable-diffusion-v2-768-v",
                       "stable-diffusion-xl-v1-base",
-                      "codi-mini-pixel-v1")  # the pixel-space base bundle of benchmarks/mini
+                      "codi-mini-pixel-v1", "codi-mini-pixel-v2")  # the pixel-space bases of benchmarks/mini
 ARCHITECTURE_SUFFIX = {"controlnet": "codi-controlnet", "control-lora": "codi-control-lora", "lora": "lora",
                        "unet-lora": "lora"}
 SAI_MODEL_SPEC_VERSION = "1.0.1"

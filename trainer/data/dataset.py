@@ -21,7 +21,9 @@ Determinism: crop offsets, flips and the generated condition's random parameters
 one. Validation samples are fixed: center crop, no flip, condition parameters from ``(validation_seed, index)``.
 
 Sample dict: ``{"pixel_values": [3,H,W] in [-1,1], "hint": [3,H,W] float (range per builder; paired: [0,1]),
-"caption": str, "index": int, "flip": bool}`` plus ``"mask": [1,H,W]`` when the condition builder gives one.
+"caption": str, "index": int, "flip": bool, "size_cond": [6]}`` plus ``"mask": [1,H,W]`` when the condition builder
+gives one. ``size_cond`` is SDXL's size conditioning as kohya computes it: the original image's height and width, the
+crop's top-left corner in the resized image (mirrored with a flip) and the trained height and width.
 """
 
 from __future__ import annotations
@@ -329,7 +331,11 @@ class ControlDataset(torch.utils.data.Dataset):
         covered = cover_size(self.sizes[index], self.geometry[index])
         box = self._crop_box(index, epoch, covered)
         flipped = self.flips(index, epoch) if flip is None else flip
-        sample = {"caption": item.caption, "index": index, "flip": flipped}
+        left = covered[0] - box[2] if flipped else box[0]  # the crop's left edge in the image the model sees
+        width, height = self.sizes[index]
+        sample = {"caption": item.caption, "index": index, "flip": flipped,
+                  # SDXL's size conditioning, as kohya computes it: (original h, w, crop top, left, target h, w)
+                  "size_cond": torch.tensor([height, width, box[1], left, box[3] - box[1], box[2] - box[0]])}
         target = None
         generated = condition and item.condition != "paired"
         cached = None
@@ -384,7 +390,7 @@ def _as_hint(hint, item: ImageItem) -> np.ndarray:
 def collate(samples: list[dict]) -> dict:
     batch = {"caption": [s["caption"] for s in samples], "index": torch.tensor([s["index"] for s in samples]),
              "flip": [bool(s.get("flip", False)) for s in samples]}
-    for key in ("pixel_values", "hint", "mask"):
+    for key in ("pixel_values", "hint", "mask", "size_cond"):
         present = [key in s for s in samples]
         if all(present):
             batch[key] = torch.stack([s[key] for s in samples])

@@ -358,7 +358,7 @@ def _sample_methods(base, adapter, pairs, groups, methods: list[_Method], *, dev
             latents = cs.sample(denoise, noise, timesteps, base.prediction_type, schedule=schedule,
                                 mode=method.mode, cond=cond, uncond=uncond, cfg=cfg, generator=generator,
                                 boundary=method.boundary, sigma_data=sigma_data, timestep_scaling=timestep_scaling)
-            image = base.decode_latents(latents)
+        image = base.decode_latents(latents)  # in the VAE's own dtype: SDXL's overflows under fp16 autocast
         return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
 
     bar = tqdm(total=len(pairs) * len(methods), desc="quality report", disable=not progress, dynamic_ncols=True)

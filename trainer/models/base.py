@@ -22,6 +22,9 @@ VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 TOKEN_LENGTH = 77  # CLIP context length used by every SD text encoder
 OPEN_CLIP_PAD = "!"  # OpenCLIP pads with token id 0 ("!"); OpenAI CLIP-L with <|endoftext|>
 
+# The layer each architecture conditions on by default, counted from the end (1 = last): ComfyUI's defaults.
+DEFAULT_CLIP_SKIP = {"sd1": 1, "sd2": 2, "sdxl": 2}
+
 # How each architecture turns a prompt into UNet conditioning. One entry per text encoder:
 #   layer: "last" = last_hidden_state (after the final layer norm), "penultimate" = hidden_states[-2];
 #   final_norm: apply the final layer norm to a penultimate state (SD2 does, SDXL does not); pad: tokenizer pad token.
@@ -54,6 +57,13 @@ class BaseModel:
     scheduler: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
     vae_scaling_factor: float = 0.18215
     latent_downscale: int = 8  # pixels per latent along a side: 8 for SD's VAE, 1 for a pixel-space base (no VAE)
+    clip_skip: int | None = None  # text-encoder layer from the end (--clip_skip); None: the architecture's default
+    detection: dict = field(default_factory=dict)  # how the prediction type and schedule were decided, for the log
+
+    @property
+    def effective_clip_skip(self) -> int:
+        """The text-encoder layer from the end that conditions the UNet (ComfyUI's CLIPSetLastLayer = -this)."""
+        return self.clip_skip or DEFAULT_CLIP_SKIP.get(self.architecture, 1)
 
     def noise_schedule(self) -> cs.NoiseSchedule:
         """The schedule the base was trained on: SD's, or its zero-terminal-SNR rescaling."""
@@ -81,10 +91,10 @@ class BaseModel:
             ids = tokenizer(prompts, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
                             return_tensors="pt").input_ids.to(device)
             out = encoder(ids, output_hidden_states=True)
-            if spec["layer"] == "last":
+            if self.clip_skip is None and spec["layer"] == "last":
                 hidden = out.last_hidden_state
             else:
-                hidden = out.hidden_states[-2]
+                hidden = out.hidden_states[-self.effective_clip_skip]
                 if spec["final_norm"]:
                     hidden = _final_layer_norm(encoder)(hidden)
             states.append(hidden)

@@ -20,6 +20,7 @@ The pretraining script of the miniature reproduction (``benchmarks/mini/pretrain
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -65,14 +66,16 @@ class BundleBaseModel(BaseModel):
 def write_bundle(folder, unet, *, architecture: str = "mini-pixel", modelspec_architecture: str = "codi-mini-pixel-v1",
                  prediction_type: str = "epsilon", resolution: int = 64, scheduler: dict | None = None,
                  vae=None, text_encoder=None, tokenizer=None, vae_scaling_factor: float | None = None,
-                 extra: dict | None = None) -> Path:
+                 extra: dict | None = None, unet_dtype: torch.dtype | None = None) -> Path:
     """Save ``unet`` (and an optional VAE / text encoder + tokenizer) as a base bundle in ``folder``.
 
     ``vae_scaling_factor``: latents = VAE latents (or, without a VAE, pixels in [-1, 1]) times this; default the
-    VAE's own factor, 1.0 for a pixel-space bundle."""
+    VAE's own factor, 1.0 for a pixel-space bundle. ``unet_dtype`` stores the UNet's weights in that dtype (e.g.
+    float16 for a small committed file; the loader casts them to the dtype it is asked for)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    (unet if unet_dtype is None else copy.deepcopy(unet).to(unet_dtype)).save_pretrained(
+        folder / "unet", safe_serialization=True)
     if vae is not None:
         vae.save_pretrained(folder / "vae", safe_serialization=True)
     if text_encoder is not None:
@@ -160,4 +163,5 @@ def load_bundle(folder, *, dtype: torch.dtype = torch.float32,
         source=os.fspath(folder), default_resolution=int(manifest["resolution"]), scheduler=scheduler,
         vae_scaling_factor=float(manifest.get("vae_scaling_factor", 1.0 if vae is None
                                               else vae.config.scaling_factor)),
-        latent_downscale=downscale, cross_attention_tokens=int(manifest.get("cross_attention_tokens", 1)))
+        latent_downscale=downscale, cross_attention_tokens=int(manifest.get("cross_attention_tokens", 1)),
+        detection={"prediction_type": "codi_base.json", "zero_terminal_snr": "codi_base.json"})

@@ -28,7 +28,8 @@ def _read_json(path: Path, folder: str) -> dict:
         raise CheckpointError(f"`{folder}`: `{path.relative_to(folder)}` is not valid JSON ({e})") from None
 
 
-def load_diffusers_folder(folder: str, v_parameterization, tokenizer_path, dtype) -> BaseModel:
+def load_diffusers_folder(folder: str, v_parameterization, tokenizer_path, dtype,
+                          zero_terminal_snr: bool | None = None) -> BaseModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -45,9 +46,9 @@ def load_diffusers_folder(folder: str, v_parameterization, tokenizer_path, dtype
     if (root / "scheduler" / "scheduler_config.json").is_file():
         scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", folder)
     if v_parameterization is None and scheduler_config.get("prediction_type") in ("v_prediction", "epsilon"):
-        prediction = scheduler_config["prediction_type"]
+        prediction, prediction_source = scheduler_config["prediction_type"], "scheduler/scheduler_config.json"
     else:
-        prediction = detect_prediction_type(architecture, (), {}, v_parameterization, folder)
+        prediction, prediction_source = detect_prediction_type(architecture, {}, {}, v_parameterization, folder)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype) \
@@ -62,12 +63,16 @@ def load_diffusers_folder(folder: str, v_parameterization, tokenizer_path, dtype
     tokenizers = _folder_tokenizers(root, architecture, tokenizer_path)
     resolution = default_resolution(architecture, prediction)
     scheduler = {k: scheduler_config.get(k, v) for k, v in DEFAULT_SCHEDULER.items()}
+    zsnr_source = "scheduler/scheduler_config.json" if scheduler["rescale_betas_zero_snr"] else "default"
+    if zero_terminal_snr is not None:
+        scheduler["rescale_betas_zero_snr"], zsnr_source = bool(zero_terminal_snr), "--zero_terminal_snr"
     return BaseModel(unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers, architecture=architecture,
                      prediction_type=prediction,
                      modelspec_architecture=modelspec_architecture(architecture, prediction),
                      source=folder, default_resolution=resolution, scheduler=scheduler,
                      vae_scaling_factor=float(vae.config.scaling_factor) if vae is not None
-                     else VAE_SCALING[architecture])
+                     else VAE_SCALING[architecture],
+                     detection={"prediction_type": prediction_source, "zero_terminal_snr": zsnr_source})
 
 
 def _folder_tokenizers(root: Path, architecture: str, tokenizer_path) -> list:

@@ -19,23 +19,39 @@ logger = logging.getLogger(__name__)
 
 
 def load_base_model(path, *, v_parameterization: bool | None = None, v2: bool = False, vae_path=None,
-                    tokenizer_path=None, dtype: torch.dtype = torch.float32) -> BaseModel:
+                    tokenizer_path=None, dtype: torch.dtype = torch.float32, clip_skip: int | None = None,
+                    zero_terminal_snr: bool | None = None) -> BaseModel:
     """Load a base model from a single-file checkpoint, a diffusers folder or a base bundle, offline.
 
     ``v_parameterization`` (kohya ``--v_parameterization``) overrides the detected prediction type both ways;
     ``v2`` (kohya ``--v2``) is only checked against detection; ``vae_path`` replaces the checkpoint's VAE (single
     file in ldm or diffusers layout, or a diffusers VAE folder); ``tokenizer_path`` is a folder with ``vocab.json`` +
-    ``merges.txt``. Raises :class:`CheckpointError` naming the file on anything unreadable or unsupported."""
+    ``merges.txt``; ``clip_skip`` (kohya ``--clip_skip``) conditions on the text encoder's layer ``-clip_skip``;
+    ``zero_terminal_snr`` overrides the detected schedule. Raises :class:`CheckpointError` naming the file on
+    anything unreadable or unsupported."""
     source = os.fspath(path)
     if is_bundle(source):  # a CoDi "base bundle" folder (codi_base.json), e.g. the benchmarks/mini base
         if vae_path is not None:
             raise CheckpointError(f"`{source}`: --vae cannot replace the VAE of a base bundle (its UNet was trained "
                                   "for the bundle's own latent space)")
         model = load_bundle(source, dtype=dtype, v_parameterization=v_parameterization)
+        if zero_terminal_snr is not None and zero_terminal_snr != model.scheduler["rescale_betas_zero_snr"]:
+            raise CheckpointError(f"`{source}`: the bundle was trained with rescale_betas_zero_snr = "
+                                  f"{model.scheduler['rescale_betas_zero_snr']}; --zero_terminal_snr cannot change it")
     elif os.path.isdir(source):
-        model = load_diffusers_folder(source, v_parameterization, tokenizer_path, dtype)
+        model = load_diffusers_folder(source, v_parameterization, tokenizer_path, dtype, zero_terminal_snr)
     else:
-        model = load_single_file(source, v_parameterization, tokenizer_path, dtype)
+        model = load_single_file(source, v_parameterization, tokenizer_path, dtype, zero_terminal_snr)
+    if model.scheduler.get("rescale_betas_zero_snr") and model.prediction_type == "epsilon":
+        raise CheckpointError(f"`{source}`: a zero-terminal-SNR schedule needs a v-prediction model (epsilon cannot "
+                              "predict anything at alpha = 0): add --v_parameterization, or drop --zero_terminal_snr")
+    if clip_skip is not None:
+        if not model.text_encoders:
+            raise CheckpointError(f"`{source}`: --clip_skip needs a text encoder; this base has none")
+        layers = min(te.config.num_hidden_layers for te in model.text_encoders)
+        if not 1 <= clip_skip <= layers:
+            raise CheckpointError(f"--clip_skip {clip_skip}: the text encoder of `{source}` has {layers} layers")
+        model.clip_skip = clip_skip
     if v2 and model.architecture != "sd2":
         logger.warning("%s: --v2 was given but the file is %s (detected from its keys); using the detected "
                        "architecture.", source, model.architecture)

@@ -38,7 +38,8 @@ BOS_TOKEN_ID, EOS_TOKEN_ID = 49406, 49407
 
 # Keys present in real checkpoints that no trainer module uses.
 IGNORED_KEY_PATTERNS = (
-    r"^v_pred$", r"^alphas_cumprod", r"^alphas_cumprod_prev$", r"^betas$", r"^log_one_minus_alphas_cumprod$",
+    r"^v_pred$", r"^ztsnr$", r"^alphas_cumprod", r"^alphas_cumprod_prev$", r"^betas$",
+    r"^log_one_minus_alphas_cumprod$",
     r"^posterior_", r"^sqrt_", r"^model_ema\.", r"^logvar$", r"^lvlb_weights$", r"^first_stage_model\.loss\.",
     r"\.position_ids$", r"^cond_stage_model\.model\.logit_scale$", r"^conditioner\.embedders\.1\.model\.logit_scale$",
     r"^cond_stage_model\.model\.text_projection$",  # SD2 uses hidden states, not the projected embedding
@@ -178,25 +179,49 @@ def _first_shape(shapes: Mapping[str, tuple], suffix: str) -> tuple | None:
     return None
 
 
-def detect_prediction_type(architecture: str, keys: Iterable[str], metadata: Mapping[str, str],
-                           v_parameterization: bool | None, path: str) -> str:
-    """``--v_parameterization`` override > a ``v_pred`` key > safetensors metadata (``modelspec.prediction_type``,
-    ``modelspec.architecture`` containing ``768-v``) > epsilon (with a warning for SD2, whose 768 models are v)."""
+# ComfyUI's evidence for an SD2 v-prediction model without a marker (supported_models.SD20.model_type): the spread
+# of one LayerNorm bias deep in the decoder is larger in the 768-v models than in the 512 epsilon ones.
+SD2_V_PROBE_KEY = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+SD2_V_PROBE_STD = 0.09
+
+
+def detect_prediction_type(architecture: str, state_dict: Mapping[str, Any], metadata: Mapping[str, str],
+                           v_parameterization: bool | None, path: str) -> tuple[str, str]:
+    """``(prediction type, why)``: ``--v_parameterization`` > a ``v_pred`` key > safetensors metadata
+    (``modelspec.prediction_type``, ``modelspec.architecture`` containing ``768-v``) > for SD2, the weights (as
+    ComfyUI decides) > epsilon, with a warning for an SD2 file none of these settle."""
     if v_parameterization is not None:
-        return "v_prediction" if v_parameterization else "epsilon"
-    if "v_pred" in set(keys):
-        return "v_prediction"
+        return ("v_prediction" if v_parameterization else "epsilon"), "--v_parameterization"
+    if "v_pred" in state_dict:
+        return "v_prediction", "the file's `v_pred` key"
     declared = str(metadata.get("modelspec.prediction_type", "")).strip().lower().replace("-", "_")
     if declared in ("v", "v_prediction", "vpred", "v_pred"):
-        return "v_prediction"
+        return "v_prediction", "modelspec.prediction_type metadata"
     if "768-v" in str(metadata.get("modelspec.architecture", "")):
-        return "v_prediction"
+        return "v_prediction", "modelspec.architecture metadata (768-v)"
     if declared in ("epsilon", "eps"):
-        return "epsilon"
+        return "epsilon", "modelspec.prediction_type metadata"
     if architecture == "sd2":
+        probe = state_dict.get(SD2_V_PROBE_KEY)
+        if probe is not None and hasattr(probe, "float"):
+            spread = float(probe.float().std(unbiased=False))
+            kind = "v_prediction" if spread > SD2_V_PROBE_STD else "epsilon"
+            return kind, (f"the weights: std of `{SD2_V_PROBE_KEY}` = {spread:.3f} "
+                          f"{'>' if kind == 'v_prediction' else '<='} {SD2_V_PROBE_STD} (ComfyUI's test)")
         logger.warning("%s: SD2.x checkpoint without a prediction-type marker; assuming epsilon (SD2 512-base). "
                        "SD2-768 checkpoints are v-prediction: pass --v_parameterization for them.", path)
-    return "epsilon"
+        return "epsilon", "default (SD2 without a marker: pass --v_parameterization for a 768-v model)"
+    return "epsilon", "default"
+
+
+def detect_zero_terminal_snr(state_dict: Mapping[str, Any], zero_terminal_snr: bool | None) -> tuple[bool, str]:
+    """``(zero terminal SNR?, why)``: ``--zero_terminal_snr`` > a ``ztsnr`` key (written by the tools that make such
+    checkpoints; ComfyUI reads it the same way) > no."""
+    if zero_terminal_snr is not None:
+        return bool(zero_terminal_snr), "--zero_terminal_snr"
+    if "ztsnr" in state_dict:
+        return True, "the file's `ztsnr` key"
+    return False, "default"
 
 
 def modelspec_architecture(architecture: str, prediction_type: str) -> str:
@@ -522,14 +547,16 @@ def _check_unused_keys(sd: Mapping[str, torch.Tensor], architecture: str, path: 
 # ---------------------------------------------------------------------------------------------- single-file path
 
 
-def load_single_file(path: str, v_parameterization, tokenizer_path, dtype) -> BaseModel:
+def load_single_file(path: str, v_parameterization, tokenizer_path, dtype,
+                     zero_terminal_snr: bool | None = None) -> BaseModel:
     if path.lower().endswith(".safetensors"):  # detect from the header before reading gigabytes
         header, metadata = read_header(path)
         detect_architecture(shapes_of(header), path)
     sd, metadata = read_checkpoint(path)
     shapes = shapes_of(sd)
     architecture = detect_architecture(shapes, path)
-    prediction = detect_prediction_type(architecture, sd.keys(), metadata, v_parameterization, path)
+    prediction, prediction_source = detect_prediction_type(architecture, sd, metadata, v_parameterization, path)
+    zsnr, zsnr_source = detect_zero_terminal_snr(sd, zero_terminal_snr)
     resolution = default_resolution(architecture, prediction, metadata)
     _check_unused_keys(sd, architecture, path)
 
@@ -549,9 +576,11 @@ def load_single_file(path: str, v_parameterization, tokenizer_path, dtype) -> Ba
     return BaseModel(unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
                      architecture=architecture, prediction_type=prediction,
                      modelspec_architecture=modelspec_architecture(architecture, prediction), source=path,
-                     default_resolution=resolution, scheduler=dict(DEFAULT_SCHEDULER),
+                     default_resolution=resolution,
+                     scheduler={**DEFAULT_SCHEDULER, "rescale_betas_zero_snr": zsnr},
                      vae_scaling_factor=float(vae.config.scaling_factor) if vae is not None
-                     else VAE_SCALING[architecture])
+                     else VAE_SCALING[architecture],
+                     detection={"prediction_type": prediction_source, "zero_terminal_snr": zsnr_source})
 
 
 def _check_context_dim(unet_config: dict, text_encoders: list, path: str) -> None:

@@ -41,7 +41,14 @@ def _model_flags(g) -> None:
     g.add_argument("--v_parameterization", action="store_true", default=None,
                    help="force v-prediction (SD2-768); by default detected from the checkpoint")
     g.add_argument("--vae", type=str, help="a separate VAE (single file or diffusers folder)")
-    _bool_flag(g, "--no_half_vae", "keep the VAE in float32 under mixed precision (SDXL's VAE overflows in fp16)")
+    _bool_flag(g, "--no_half_vae", "keep the VAE in float32 under mixed precision (SDXL's VAE, whose config asks for "
+                                    "it with force_upcast, always stays float32)")
+    g.add_argument("--zero_terminal_snr", action="store_true", default=None,
+                   help="the checkpoint uses the zero-terminal-SNR schedule (Lin et al.; v-prediction only); by "
+                        "default detected from a `ztsnr` key or the scheduler config")
+    g.add_argument("--clip_skip", type=int, default=None,
+                   help="condition on the text encoder's layer -N (kohya; ComfyUI's CLIPSetLastLayer = -N); default: "
+                        "the architecture's own (SD1: 1, SD2 and SDXL: 2)")
     g.add_argument("--tokenizer_path", type=str,
                    help="folder with the CLIP tokenizer (vocab.json, merges.txt) for single-file checkpoints")
 
@@ -89,8 +96,8 @@ def _memory_flags(g) -> None:
     _bool_flag(g, "--cache_latents", "encode the images with the VAE once, before training")
     _bool_flag(g, "--cache_latents_to_disk", "like --cache_latents, stored beside the images (reused across runs)")
     _bool_flag(g, "--cache_text_encoder_outputs", "encode each caption once and free the text encoder(s)")
-    _bool_flag(g, "--full_fp16", "trainable weights in fp16 too (experimental; saves memory)")
-    _bool_flag(g, "--full_bf16", "trainable weights in bf16 too (saves memory)")
+    _bool_flag(g, "--full_fp16", "refused: fp16 trainable weights lose small updates (use --mixed_precision fp16)")
+    _bool_flag(g, "--full_bf16", "refused: bf16 trainable weights lose small updates (use --mixed_precision bf16)")
     _bool_flag(g, "--sdpa", "PyTorch scaled-dot-product attention (the default in diffusers)")
     _bool_flag(g, "--xformers", "xformers attention (if installed)")
     _bool_flag(g, "--lowram", "load the checkpoint straight to the GPU instead of RAM")
@@ -194,8 +201,16 @@ def _distillation_flags(g) -> None:
     g.add_argument("--eps_source", choices=("ddim", "true"), default="ddim")
     g.add_argument("--consistency_space", choices=("x", "eps"), default="x")
     g.add_argument("--guidance_weight", type=float, default=1.0, help="lambda of ||f - x||^2")
-    g.add_argument("--min_snr_gamma", type=float, default=None)
+    g.add_argument("--min_snr_gamma", type=float, default=None,
+                   help="weight the consistency term by the clipped SNR (Min-SNR-gamma, e.g. 5; default off)")
+    g.add_argument("--min_snr_weighting", choices=("truncated", "x_space"), default="truncated",
+                   help="truncated (the CoDi reference code's): min(SNR, gamma)/SNR on the loss as computed, keeps "
+                        "the high-noise steps 1-4-step sampling needs; x_space (Hang et al.): an effective x-space "
+                        "weight min(SNR, gamma), which nearly ignores them")
     g.add_argument("--ema_decay", type=float, default=0.999)
+    g.add_argument("--ema_warmup", choices=("true", "false"), default="true",
+                   help="EMA decay min(ema_decay, (1+n)/(10+n)) at update n, so the saved adapter is not mostly its "
+                        "initialisation (recorded in the metadata)")
     g.add_argument("--cfg_range", type=str, default=None,
                    help="CFG-aware distillation: draw w in [w_min,w_max], e.g. 2,8 (default off)")
     _bool_flag(g, "--distill_guidance", "condition the adapter on w so it samples at cfg 1 (not available yet)")
@@ -295,17 +310,23 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     """Derived values and cross-flag checks, with errors that say what to change."""
     if args.use_8bit_adam:
         args.optimizer_type = "AdamW8bit"
-    if args.full_fp16 and args.full_bf16:
-        parser.error("--full_fp16 and --full_bf16 exclude each other")
-    if args.full_fp16 and args.mixed_precision != "fp16":
-        parser.error("--full_fp16 needs --mixed_precision fp16")
-    if args.full_bf16 and args.mixed_precision != "bf16":
-        parser.error("--full_bf16 needs --mixed_precision bf16")
+    for flag, dtype, eps in (("full_fp16", "fp16", "2^-11"), ("full_bf16", "bf16", "2^-8")):
+        if getattr(args, flag):
+            # half-precision master weights round every update below eps x |weight| away (in bf16,
+            # 0.03 + 1e-5 == 0.03): at the learning rates adapters train with, most steps would vanish
+            parser.error(f"--{flag} keeps the trainable weights in {dtype}, where an update smaller than {eps} of "
+                         f"a weight is rounded away (in bf16, 0.03 + 1e-5 == 0.03): most steps at the learning rates "
+                         f"adapters train with would vanish. Use --mixed_precision {dtype} alone (the frozen base in "
+                         f"{dtype}, the small trainable adapter in float32) with --gradient_checkpointing and an "
+                         f"8-bit optimizer to save memory")
     if args.network_alpha is None:
         args.network_alpha = float(args.network_dim)
     if args.unet_lora_alpha is None:
         args.unet_lora_alpha = float(args.unet_lora_dim)
     args.shared_timestep = str(args.shared_timestep).lower() == "true"
+    args.ema_warmup = str(args.ema_warmup).lower() == "true"
+    if args.clip_skip is not None and args.clip_skip < 1:
+        parser.error(f"--clip_skip must be >= 1 (1 = the last layer), got {args.clip_skip}")
     args.conditioning_embedding_channels = tuple(int(c) for c in str(args.conditioning_embedding_channels).split(","))
     if args.cfg_range:
         parts = [float(v) for v in str(args.cfg_range).split(",")]

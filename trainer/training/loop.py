@@ -26,8 +26,8 @@ from trainer.training import memory, state
 from trainer.training.networks import DTYPES, Networks, OnlineModel, build_networks, tie_target_to_ema
 from trainer.training.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args
 from trainer.training.samples import generate_samples, run_quality_report
-from trainer.training.saving import (AdapterWriter, non_finite_loss, provenance, prune_step_saves, save_state_folder,
-                                     step_suffix)
+from trainer.training.saving import (AdapterWriter, TrainingStopped, non_finite_loss, provenance, prune_step_saves,
+                                     save_state_folder, step_suffix)
 from trainer.training.settings import Settings
 
 NAN_AT_STEP_ENV = "CODI_DEBUG_NAN_AT_STEP"  # tests: make the loss NaN at this optimizer step
@@ -99,11 +99,11 @@ def start_run(settings: Settings) -> Run:
     if print_main:
         print(f"codi: {accelerator.num_processes} process(es), device {accelerator.device}, mixed precision "
               f"{run_settings.mixed_precision}, num_processes == {accelerator.num_processes}", flush=True)
-    networks = build_networks(settings.model, settings.adapter, accelerator.device, weight_dtype,
-                              weight_dtype if run_settings.full_half else torch.float32)
+    networks = build_networks(settings.model, settings.adapter, accelerator.device, weight_dtype)
     base = networks.base
     resolution = settings.data.resolution or (base.default_resolution, base.default_resolution)
-    ema = cs.EMA(networks.trainable, decay=settings.codi.ema_decay).to(accelerator.device)
+    ema = cs.EMA(networks.trainable, decay=settings.codi.ema_decay,
+                 warmup=settings.codi.ema_warmup).to(accelerator.device)
     tie_target_to_ema(networks, ema)
     opt = settings.optimizer
     optimizer = build_optimizer(opt.optimizer_type, networks.trainable.values(), opt.learning_rate,
@@ -186,19 +186,49 @@ def micro_batch_loss(run: Run, indices: list[int]) -> tuple[torch.Tensor, dict]:
     else:
         latents = encode_latents(networks.base.vae, batch["pixel_values"], indices, settings.run.seed,
                                  networks.base.vae_scaling_factor).to(device, run.weight_dtype)
+    if not torch.isfinite(latents).all():
+        vae = networks.base.vae
+        raise TrainingStopped(
+            f"the VAE encoded {', '.join(run.dataset.items[i].image_path.name for i in indices)} to non-finite "
+            f"latents in {'float32' if vae is None else str(vae.dtype).replace('torch.', '')}: the VAE overflows in "
+            "half precision; add --no_half_vae (or --cache_latents with it, to encode once)")
     hints = batch["hint"].to(device, run.weight_dtype)
-    cond = text_conditioning(encode_text(run, batch["caption"]), hints)
-    uncond = (text_conditioning(cat_tree([run.uncond_text] * len(indices)), hints) if settings.codi.cfg_range
-              else None)
-    generator = torch.Generator().manual_seed(
-        hash((settings.run.seed, run.micro_step, run.accelerator.process_index)) % (2**63))
-    with run.accelerator.autocast():
+    text = with_size_conditioning(encode_text(run, batch["caption"]), batch["size_cond"])
+    cond = text_conditioning(text, hints)
+    uncond = None
+    if settings.codi.cfg_range:
+        uncond_text = with_size_conditioning(cat_tree([run.uncond_text] * len(indices)), batch["size_cond"])
+        uncond = text_conditioning(uncond_text, hints)
+    generator, timestep_generator = step_generators(settings.run.seed, run.micro_step, run.accelerator.process_index)
+    # torch's own autocast rather than accelerate's, which is a no-op for fp16 on a CPU: the Control-LoRA's frozen
+    # half-precision encoder and its float32 LoRA factors meet inside one module, so every device needs it
+    half = run.weight_dtype != torch.float32
+    with torch.autocast(run.device.type, dtype=run.weight_dtype, enabled=half):
         if settings.codi.loss == "diffusion":
             return cs.diffusion_loss(networks.denoiser("online"), latents, cond, run.schedule,
                                      networks.base.prediction_type, generator=generator)
         return cs.codi_loss(networks.denoiser("online"), networks.denoiser("target", run.ema), latents, cond,
                             run.loss_config, run.schedule, base=networks.denoiser("base"), uncond=uncond,
-                            generator=generator, teacher=networks.denoiser("teacher"))
+                            generator=generator, teacher=networks.denoiser("teacher"),
+                            timestep_generator=timestep_generator if settings.codi.shared_timestep else None)
+
+
+def step_generators(seed: int, micro_step: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
+    """``(noise generator, timestep generator)`` of one micro-batch: a pure function of its arguments, so a resumed
+    run draws what an uninterrupted one would. The noise differs per process; the timestep generator is the same on
+    every process, so one t per batch is one t for all of them."""
+    return (torch.Generator().manual_seed(hash((seed, micro_step, rank)) % (2**63)),
+            torch.Generator().manual_seed(hash((seed, micro_step, -1)) % (2**63)))
+
+
+def with_size_conditioning(text: dict, size_cond: torch.Tensor) -> dict:
+    """SDXL's text conditioning with each sample's own size conditioning (original size, crop, target size) as
+    ``time_ids``, instead of the default resolution the text encoder's output carries; other bases unchanged."""
+    added = text.get("added_cond_kwargs")
+    if added is None:
+        return text
+    time_ids = size_cond.to(added["time_ids"].device, added["time_ids"].dtype)
+    return {**text, "added_cond_kwargs": {**added, "time_ids": time_ids}}
 
 
 def training_step(run: Run, nan_at: int = 0) -> bool:
@@ -278,6 +308,9 @@ def train(settings: Settings) -> dict:
     networks, accelerator = run.networks, run.accelerator
     base = networks.base
     n_trainable, n_frozen = memory.count_parameters([base.unet, networks.adapter, *base.text_encoders, base.vae])
+    detected = ", ".join(f"{k} from {v}" for k, v in base.detection.items())
+    run.say(f"codi: base {base.architecture}: {base.prediction_type}"
+            f"{', zero terminal SNR' if base.scheduler.get('rescale_betas_zero_snr') else ''} ({detected})")
     run.say(f"codi: base {base.architecture} ({base.prediction_type}), adapter {networks.adapter_type}"
             f"{' + UNet LoRA' if networks.unet_lora else ''}: {n_trainable:,} trainable, {n_frozen:,} frozen "
             "parameters")
@@ -305,7 +338,7 @@ def dry_run(run: Run, n_trainable: int, n_frozen: int) -> dict:
     settings = run.settings
     prediction = memory.predict_memory(run.networks, batch_size=settings.run.train_batch_size,
                                        optimizer_type=settings.optimizer.optimizer_type,
-                                       full_half=settings.run.full_half, resolution=run.resolution,
+                                       resolution=run.resolution,
                                        weight_dtype=run.weight_dtype, device=run.device)
     run.say("codi: predicted memory for one training step "
             f"(batch {settings.run.train_batch_size}, {run.resolution[0]}x{run.resolution[1]}, "

@@ -102,12 +102,12 @@ def extrapolate_activations(probe, resolution: tuple[int, int], probe_sizes=(16,
     return int(max(a2, a1 + slope * (area - s1 * s1)))
 
 
-def predict_memory(networks, *, batch_size: int, optimizer_type: str, full_half: bool, resolution,
-                   weight_dtype: torch.dtype, device) -> MemoryPrediction:
+def predict_memory(networks, *, batch_size: int, optimizer_type: str, resolution, weight_dtype: torch.dtype,
+                   device) -> MemoryPrediction:
     """The ``--dry_run`` prediction for one training step of ``networks`` (a ``networks.Networks``)."""
     base = networks.base
     trainable_count = sum(p.numel() for p in networks.trainable.values())
-    train_bytes = 2 if full_half else 4
+    train_bytes = 4  # trainable weights and their gradients stay float32
     frozen = frozen_bytes([base.unet, networks.adapter, base.vae, *base.text_encoders])
     compute_bytes = torch.tensor([], dtype=weight_dtype).element_size()
     text = base.encode_text([""] * batch_size, device=device)

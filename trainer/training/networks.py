@@ -64,12 +64,14 @@ class Networks:
         return frozen
 
 
-def build_networks(model: ModelSettings, adapter_settings: AdapterSettings, device, weight_dtype: torch.dtype,
-                   train_dtype: torch.dtype) -> Networks:
+def build_networks(model: ModelSettings, adapter_settings: AdapterSettings, device,
+                   weight_dtype: torch.dtype) -> Networks:
     """Load the base, build the adapters (and UNet LoRA), freeze what is frozen and put everything on ``device``:
-    frozen weights in ``weight_dtype``, trainable ones in ``train_dtype``."""
+    frozen weights in ``weight_dtype``, trainable ones in float32 (half-precision weights would round small updates
+    away)."""
     base = load_base_model(model.pretrained_model_name_or_path, v_parameterization=model.v_parameterization,
-                           v2=model.v2, vae_path=model.vae, tokenizer_path=model.tokenizer_path)
+                           v2=model.v2, vae_path=model.vae, tokenizer_path=model.tokenizer_path,
+                           clip_skip=model.clip_skip, zero_terminal_snr=model.zero_terminal_snr)
     unet = base.unet
     for module in [unet, base.vae, *base.text_encoders]:
         if module is not None:
@@ -106,9 +108,11 @@ def build_networks(model: ModelSettings, adapter_settings: AdapterSettings, devi
 
     for module in [unet, adapter, *base.text_encoders]:
         for p in module.parameters():
-            p.data = p.data.to(device, train_dtype if p.requires_grad else weight_dtype)
+            p.data = p.data.to(device, torch.float32 if p.requires_grad else weight_dtype)
     if base.vae is not None:
-        base.vae.to(device, torch.float32 if model.no_half_vae else weight_dtype)
+        # SDXL's VAE overflows in fp16; its config says so (force_upcast), as diffusers' pipelines read it
+        upcast = model.no_half_vae or bool(getattr(base.vae.config, "force_upcast", False))
+        base.vae.to(device, torch.float32 if upcast else weight_dtype)
 
     trainable = {f"adapter.{n}": p for n, p in adapter.trainable_named_parameters()}
     if unet_lora is not None:

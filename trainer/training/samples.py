@@ -34,12 +34,15 @@ def generate_samples(networks: Networks, ema: cs.EMA, codi: CodiSettings, prompt
         return []
     schedule = base.noise_schedule()
     target = networks.denoiser("target", ema)
+    dtype = base.unet.dtype  # the frozen base's; the EMA adapter is float32: autocast makes them meet
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype,
+                              enabled=dtype in (torch.float16, torch.bfloat16))
     out = []
     for number, sample in enumerate(prompts):
         hint = load_condition(sample, resolution).to(device, base.unet.dtype)
         text = (text_cache.get([sample.prompt], device) if text_cache and sample.prompt in text_cache.outputs
                 else base.encode_text([sample.prompt], device=device))
-        cfg = sample.cfg if sample.cfg is not None else 1.0
+        cfg = sample.cfg if sample.cfg is not None else recommended_cfg(codi)
         uncond = None
         if cfg != 1.0:
             neg = (text_cache.get([sample.negative], device)
@@ -50,16 +53,24 @@ def generate_samples(networks: Networks, ema: cs.EMA, codi: CodiSettings, prompt
         h, w = hint.shape[-2] // base.latent_downscale, hint.shape[-1] // base.latent_downscale
         noise = torch.randn((1, base.unet.config.in_channels, h, w), generator=generator).to(device, base.unet.dtype)
         steps = sample.steps or min(codi.recommended_steps, 8)
-        latents = cs.sample(target, noise, cs.codi_timesteps(steps, grid=codi.distill_grid), base.prediction_type,
-                            schedule=schedule, mode=codi.sample_sampler, cond=text_conditioning(text, hint),
-                            uncond=uncond, cfg=cfg, generator=generator, boundary=codi.boundary,
-                            sigma_data=codi.sigma_data, timestep_scaling=codi.timestep_scaling)
-        image = base.decode_latents(latents)
+        with autocast:
+            latents = cs.sample(target, noise, cs.codi_timesteps(steps, grid=codi.distill_grid),
+                                base.prediction_type, schedule=schedule, mode=codi.sample_sampler,
+                                cond=text_conditioning(text, hint), uncond=uncond, cfg=cfg, generator=generator,
+                                boundary=codi.boundary, sigma_data=codi.sigma_data,
+                                timestep_scaling=codi.timestep_scaling)
+        image = base.decode_latents(latents)  # in the VAE's own dtype: SDXL's overflows under fp16 autocast
         image = (image.float() / 2 + 0.5).clamp(0, 1)
         path = Path(out_dir) / "sample" / f"{name}_step{step:08d}_{number:02d}.png"
         save_image_grid(torch.cat([hint.float().cpu(), image.cpu()]), path)
         out.append(path)
     return out
+
+
+def recommended_cfg(codi: CodiSettings) -> float:
+    """The guidance scale an adapter is sampled with: the bottom of its trained range for a CFG-aware adapter (the
+    nodes' default too), else 1 (no guidance)."""
+    return float(codi.cfg_range[0]) if codi.cfg_range else 1.0
 
 
 def run_quality_report(networks: Networks, ema: cs.EMA, codi: CodiSettings, report: ReportSettings,
@@ -75,6 +86,6 @@ def run_quality_report(networks: Networks, ema: cs.EMA, codi: CodiSettings, repo
                                   sampler_mode=codi.sample_sampler, boundary=codi.boundary,
                                   sigma_data=codi.sigma_data, timestep_scaling=codi.timestep_scaling, seed=seed,
                                   reference_steps=report.quality_reference_steps, device=device,
-                                  encode_text=encode_text)
+                                  encode_text=encode_text, cfg=recommended_cfg(codi))
     return write_report(result, Path(out_dir) / f"{name}-report",
                         title=f"CoDi quality report: {name} ({codi.task}, step {ema.num_updates})")

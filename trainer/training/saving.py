@@ -66,7 +66,9 @@ class AdapterWriter:
         base = networks.base
         self.codi = codi.metadata(adapter_type=networks.adapter_type, unet_lora=networks.unet_lora is not None,
                                   prediction_type=base.prediction_type,
-                                  hint_preprocessing=hint_preprocessing_of(dataset))
+                                  hint_preprocessing=hint_preprocessing_of(dataset),
+                                  zero_terminal_snr=bool(base.scheduler.get("rescale_betas_zero_snr")),
+                                  clip_skip=base.effective_clip_skip if base.tokenizers else 0)
         self.provenance = None if provenance is None else {
             **provenance, "ss_base_model_version": base.modelspec_architecture}
         self.unet_lora_rank = unet_lora_rank

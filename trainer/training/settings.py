@@ -32,6 +32,8 @@ class ModelSettings:
     vae: str | None = None
     tokenizer_path: str | None = None
     no_half_vae: bool = False
+    zero_terminal_snr: bool | None = None
+    clip_skip: int | None = None
     xformers: bool = False
     gradient_checkpointing: bool = False
 
@@ -68,6 +70,8 @@ class CodiSettings:
     timestep_scaling: float = DEFAULT_TIMESTEP_SCALING
     cfg_range: tuple[float, float] | None = None
     ema_decay: float = 0.999
+    ema_warmup: bool = True
+    min_snr_weighting: str = "truncated"
     recommended_steps: int = 4
     sample_sampler: str = "ode"
 
@@ -79,12 +83,13 @@ class CodiSettings:
         return cs.CoDiLossConfig(
             prediction_type=prediction_type, distill_grid=self.distill_grid, shared_timestep=self.shared_timestep,
             ode_model=self.ode_model, eps_source=self.eps_source, consistency_space=self.consistency_space,
-            guidance_weight=self.guidance_weight, min_snr_gamma=self.min_snr_gamma, boundary=self.boundary,
+            guidance_weight=self.guidance_weight, min_snr_gamma=self.min_snr_gamma,
+            min_snr_weighting=self.min_snr_weighting, boundary=self.boundary,
             sigma_data=self.sigma_data, timestep_scaling=self.timestep_scaling,
             guidance_mode="cfg" if self.cfg_range else "none", cfg_range=self.cfg_range or (2.0, 8.0))
 
-    def metadata(self, *, adapter_type: str, unet_lora: bool, prediction_type: str,
-                 hint_preprocessing: dict | None) -> cs.CoDiMetadata:
+    def metadata(self, *, adapter_type: str, unet_lora: bool, prediction_type: str, hint_preprocessing: dict | None,
+                 zero_terminal_snr: bool = False, clip_skip: int = 0) -> cs.CoDiMetadata:
         """The ``codi.*`` facts the nodes read to sample this adapter."""
         return cs.CoDiMetadata(
             task=self.task, adapter_type=adapter_type, unet_lora=unet_lora, distill_grid=self.distill_grid,
@@ -92,7 +97,9 @@ class CodiSettings:
             prediction_type=prediction_type, guidance_mode="cfg" if self.cfg_range else "none",
             cfg_range=self.cfg_range or (1.0, 1.0), recommended_steps=min(self.recommended_steps, 8),
             recommended_cfg=float(self.cfg_range[0]) if self.cfg_range else 1.0, sampler_mode=self.sample_sampler,
-            hint_preprocessing=hint_preprocessing or {"type": self.task}, objective=self.loss)
+            hint_preprocessing=hint_preprocessing or {"type": self.task}, objective=self.loss,
+            zero_terminal_snr=zero_terminal_snr, clip_skip=clip_skip, ema_decay=self.ema_decay,
+            ema_warmup=self.ema_warmup)
 
 
 @dataclass(frozen=True)
@@ -116,8 +123,6 @@ class RunSettings:
     gradient_accumulation_steps: int = 1
     seed: int = 42
     mixed_precision: str = "no"
-    full_fp16: bool = False
-    full_bf16: bool = False
     cache_latents: bool = False
     cache_latents_to_disk: bool = False
     cache_text_encoder_outputs: bool = False
@@ -126,11 +131,6 @@ class RunSettings:
     log_with: str | None = None
     logging_dir: str | None = None
     log_prefix: str | None = None
-
-    @property
-    def full_half(self) -> bool:
-        """Trainable weights in the half precision dtype too (``--full_fp16`` / ``--full_bf16``)."""
-        return self.full_fp16 or self.full_bf16
 
 
 @dataclass(frozen=True)

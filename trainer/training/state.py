@@ -40,7 +40,7 @@ def save_training_state(folder: Path, trainable: dict[str, torch.Tensor], ema, o
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**progress, "ema_num_updates": ema.num_updates,
-                                                       "ema_decay": ema.decay}, indent=2))
+                                                       "ema_decay": ema.decay, "ema_warmup": ema.warmup}, indent=2))
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -90,6 +90,7 @@ def load_training_state(folder: Path, trainable: dict[str, torch.nn.Parameter], 
                                  f"state but {tuple(param.shape)} now (different --network_dim?)")
             param.copy_(weights[name].to(param.device, param.dtype))
     ema.load_state_dict({"decay": progress["ema_decay"], "num_updates": progress["ema_num_updates"],
+                         "warmup": progress.get("ema_warmup", False),
                          "shadow": load_file(str(folder / "ema.safetensors"))})
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
