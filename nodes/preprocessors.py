@@ -39,12 +39,27 @@ THRESHOLD_SOURCES = ("adapter", "manual")
 LATENT_FACTOR = 8
 
 
+def as_rgb_image(image, node: str, name: str = "image") -> torch.Tensor:
+    """A ComfyUI IMAGE as ``[B, H, W, 3]``: an RGBA image loses its alpha channel (ComfyUI keeps transparency in a
+    separate MASK; the adapters were trained on RGB), a one-channel grey image is repeated to three channels, and
+    anything else is refused with the node's own message."""
+    if isinstance(image, torch.Tensor) and image.ndim == 4:
+        channels = image.shape[-1]
+        if channels == 3:
+            return image
+        if channels == 4:
+            return image[..., :3]
+        if channels == 1:
+            return image.expand(*image.shape[:-1], 3)
+    shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+    raise ValueError(f"{node}: {name} must be a ComfyUI IMAGE [batch, height, width, channels] with 3 (RGB), 4 (RGBA) "
+                     f"or 1 (grey) channels, got {shape}")
+
+
 def image_to_bchw(image, node: str, name: str = "image") -> torch.Tensor:
-    """ComfyUI IMAGE ``[B, H, W, 3]`` -> ``[B, 3, H, W]`` (a view; the hint functions do not write to it)."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] != 3:
-        shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"{node}: {name} must be a ComfyUI IMAGE [B, H, W, 3] (RGB), got {shape}")
-    return image.movedim(-1, 1)
+    """ComfyUI IMAGE ``[B, H, W, C]`` -> ``[B, 3, H, W]`` (a view; the hint functions do not write to it), through
+    :func:`as_rgb_image`."""
+    return as_rgb_image(image, node, name).movedim(-1, 1)
 
 
 def bchw_to_image(tensor: torch.Tensor) -> torch.Tensor:

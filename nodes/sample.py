@@ -23,6 +23,7 @@ from comfy_api.latest import io
 
 from .codi_info import check_architecture, info_of
 from .model_patch import patch_model
+from .preprocessors import as_rgb_image
 from .sampler import codi_sampler
 from .scheduler import MAX_STEPS, check_steps, codi_sigmas
 from .types import CoDiInfoType
@@ -87,6 +88,7 @@ def codi_sample(model, positive, negative, control_net, image, seed: int, steps:
 
     info = info_of(control_net, codi_info)
     check_architecture(info, model, "CoDiSample")
+    image = as_rgb_image(image, "CoDiSample")
     meta = info.metadata if info is not None else None
     steps = check_steps(int(steps) if steps else (meta.recommended_steps if meta else 4), "CoDiSample")
     cfg = float(cfg) if cfg > 0 else (meta.recommended_cfg if meta else 1.0)

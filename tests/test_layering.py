@@ -4,7 +4,7 @@
   inside the UIs' own environments);
 * ``nodes/`` and the web-UI glue (``scripts/``, ``webui/``) never import ``trainer/``, and ``trainer/`` never imports
   them (the node pack and the extension load without diffusers, accelerate or bitsandbytes);
-* inside ``trainer/`` the sub-packages form layers -- ``errors`` < ``models`` < ``adapters``, ``data`` <
+* inside ``trainer/`` the sub-packages form layers -- ``errors``, ``disk`` < ``models`` < ``adapters``, ``data`` <
   ``evaluation`` < ``training`` < the entry scripts -- and a module imports only from its own sub-package or a
   lower layer (``adapters`` and ``data`` do not import each other);
 * there is no import cycle among ``trainer/`` modules, counting imports inside functions too, so a lazy import
@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-TRAINER_LAYERS = {"errors": 0, "models": 1, "adapters": 2, "data": 2, "evaluation": 3, "training": 4,
+TRAINER_LAYERS = {"errors": 0, "disk": 0, "models": 1, "adapters": 2, "data": 2, "evaluation": 3, "training": 4,
                   "train": 5, "quality_report": 5, "__init__": 5}
 GLUE_PACKAGES = ("nodes", "scripts", "webui")
 CCD_ALLOWED = {"torch"}

@@ -14,6 +14,7 @@ run (one start-up, the micro checkpoint loaded once):
 * corrupt adapter files in CoDiAdapterLoader: random bytes named .safetensors, a garbage .pth, a safetensors file with
   no ControlNet weights, malformed ``codi.*`` metadata -- each error names the file;
 * LoRAs: kohya UNet keys of blocks this model does not have (the error gives the count), a corrupt LoRA file;
+* an RGBA condition image (JoinImageWithAlpha) sampled as its RGB image;
 * steps outside 1..8 arriving through a link (PrimitiveInt): ComfyUI validates ranges of widget values only, so the
   nodes' own check must catch it at execution.
 
@@ -163,7 +164,16 @@ def loader_graph(adapter: str) -> dict:
     return sample_graph("loader", adapter=adapter)
 
 
+def rgba_hint_graph(prefix: str) -> dict:
+    """sample_graph with the hint made RGBA by the stock JoinImageWithAlpha node."""
+    g = sample_graph(prefix, image="wide_centre.png")
+    g["rgba"] = {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["hint", 0], "alpha": ["hint", 1]}}
+    g["sample"]["inputs"]["image"] = ["rgba", 0]
+    return g
+
+
 GOOD = {
+    "rgba_hint": rgba_hint_graph("rgba_hint"),
     "aspect_wide": sample_graph("aspect_wide", image="wide.png"),
     "aspect_centre": sample_graph("aspect_centre", image="wide_centre.png"),
     "aspect_squashed": sample_graph("aspect_squashed", image="wide_squashed.png"),
@@ -260,6 +270,12 @@ def test_hint_of_another_aspect_ratio_is_centre_cropped_with_a_warning(results):
     for name in ("aspect_centre", "aspect_same_smaller", "aspect_squashed"):
         assert not any("aspect ratio" in line for line in results.by_name[name]["log"]), name
         assert _latent(results, name).shape == (1, 4, SIZE // 8, SIZE // 8)
+
+
+def test_rgba_hint_is_sampled_as_its_rgb(results):
+    """An RGBA condition image (ComfyUI's JoinImageWithAlpha) reaches CoDiSample: its alpha channel is dropped, so
+    the result equals the RGB image's, instead of a conv2d channel error deep inside the ControlNet."""
+    assert torch.equal(_latent(results, "rgba_hint"), _latent(results, "aspect_centre"))
 
 
 @pytest.mark.parametrize("name", list(BAD))

@@ -86,6 +86,22 @@ t["canny_default"] = out(N["CoDiCanny"].execute(plain, 100, 200, "adapter"))[0]
 t["canny_manual"] = out(N["CoDiCanny"].execute(plain, 50, 150, "manual", canny_info))[0]
 t["canny_info"] = out(N["CoDiCanny"].execute(plain, 100, 200, "adapter", canny_info))[0]
 t["photo_in"], t["low_in"] = plain, low
+# an RGBA IMAGE (JoinImageWithAlpha makes one) and a one-channel grey IMAGE (some custom nodes do)
+rgba_low = out(N["JoinImageWithAlpha"].execute(low, torch.zeros(low.shape[:3])))[0]
+rgba = out(N["JoinImageWithAlpha"].execute(plain, alpha_mask))[0]
+grey = plain[..., :1].clone()
+shapes["rgba"] = list(rgba.shape)
+t["sr_rgba"] = out(N["CoDiSuperResolutionInput"].execute(rgba_low, "4"))[0]
+t["inpaint_rgba"] = out(N["CoDiInpaintInput"].execute(rgba, alpha_mask))[0]
+t["canny_rgba"] = out(N["CoDiCanny"].execute(rgba, 100, 200, "adapter"))[0]
+t["canny_grey"] = out(N["CoDiCanny"].execute(grey, 100, 200, "adapter"))[0]
+t["canny_grey3"] = out(N["CoDiCanny"].execute(grey.repeat(1, 1, 1, 3), 100, 200, "adapter"))[0]
+t["inpaint_ref"] = out(N["CoDiInpaintInput"].execute(plain, alpha_mask))[0]
+messages = {}
+try:
+    N["CoDiCanny"].execute(plain[..., :2], 100, 200, "adapter")
+except ValueError as e:
+    messages["two_channels"] = str(e)
 inputs_before = {k: v.clone() for k, v in (("photo", photo), ("low", low), ("mask", alpha_mask))}
 save_file({k: v.contiguous() for k, v in t.items()}, spec["tensors_path"])
 
@@ -97,7 +113,7 @@ def run(prompt):
 
 results = {name: run(prompt) for name, prompt in spec["prompts"].items()}
 info_v1 = {k: N[k].GET_NODE_INFO_V1() for k in ("CoDiSuperResolutionInput", "CoDiInpaintInput", "CoDiCanny")}
-RESULT = {"shapes": shapes, "results": results, "object_info": info_v1,
+RESULT = {"shapes": shapes, "results": results, "object_info": info_v1, "messages": messages,
           "inputs_unchanged": all(torch.equal(v, w) for v, w in
                                   zip(inputs_before.values(), (photo, low, alpha_mask)))}
 '''
@@ -234,6 +250,19 @@ def test_nodes_are_listed(pre_run):
     low = info["CoDiCanny"]["input"]["required"]["low_threshold"][1]
     assert (low["default"], low["min"], low["max"]) == (100, 0, 255)
     assert info["CoDiCanny"]["input"]["required"]["high_threshold"][1]["default"] == 200
+
+
+def test_rgba_and_grey_images_are_converted(pre_run):
+    """An RGBA IMAGE loses its alpha channel and a one-channel IMAGE is repeated to RGB, in every preprocessor and
+    CoDiSample (the same helper); two channels are refused with the node's own message."""
+    t = pre_run.t
+    assert pre_run.shapes["rgba"][-1] == 4
+    assert torch.equal(t["sr_rgba"], t["sr_4"])
+    assert torch.equal(t["inpaint_rgba"], t["inpaint_ref"])
+    assert torch.equal(t["canny_rgba"], t["canny_default"])
+    assert torch.equal(t["canny_grey"], t["canny_grey3"]) and t["canny_grey"].shape[-1] == 3
+    message = pre_run.messages["two_channels"]
+    assert message.startswith("CoDiCanny: image must be a ComfyUI IMAGE") and "[1, 64, 64, 2]" in message
 
 
 def test_bad_inputs_are_clear_errors(pre_run):

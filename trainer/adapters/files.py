@@ -28,6 +28,7 @@ import ccd_sampler as cs
 from ccd_sampler.metadata import read_safetensors_header
 from trainer.adapters.controlnet import Adapter, AdapterFileError, build_adapter
 from trainer.adapters.lora import UNetLoRA, add_unet_lora
+from trainer.disk import write_safetensors
 
 logger = logging.getLogger("codi.adapters")
 
@@ -93,12 +94,19 @@ def save_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
     os.close(fd)
     try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        write_safetensors(tensors, tmp, metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: a ComfyUI running as another user could not read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -15,6 +15,7 @@ the plain and the flipped image are encoded and the batch takes the one its flip
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 from trainer.data.dataset import ControlDataset
 from trainer.data.errors import DataError, warn
+from trainer.disk import write_safetensors
 
 CACHE_SUFFIX = ".codi-latents.safetensors"
 CACHE_FORMAT = "1"
@@ -160,15 +162,14 @@ class LatentCache:
 
     @staticmethod
     def _save(path: Path, tensors: dict, key: str) -> bool:
-        from safetensors.torch import save_file
-
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         try:
-            save_file(tensors, str(tmp), metadata={"codi_cache_key": key, "format": CACHE_FORMAT})
+            write_safetensors(tensors, tmp, {"codi_cache_key": key, "format": CACHE_FORMAT})
             os.replace(tmp, path)
             return True
         except OSError:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder refuses even removing what is not there
+                tmp.unlink(missing_ok=True)
             return False
 
     def get(self, indices, flips=None) -> torch.Tensor:

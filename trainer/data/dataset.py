@@ -38,8 +38,8 @@ from PIL import Image
 
 from trainer.data.conditions import make_condition_builder
 from trainer.data.errors import DataError, warn
-from trainer.data.images import (IMAGE_EXTENSIONS, cover_size, image_size, images_in, load_condition_image, load_rgb,
-                                 read_caption, to_tensor01)
+from trainer.data.images import (IMAGE_EXTENSIONS, cover_size, image_size, images_in, load_condition_image,
+                                 load_rgb, read_caption, to_tensor01, verify_image)
 from trainer.data.spec import DatasetSpec, DataSettings, SubsetSpec, load_dataset_config, specs_from_settings
 
 ASPECT_TOLERANCE = 0.01  # condition vs target aspect ratio
@@ -105,8 +105,10 @@ def collect_items(subset: SubsetSpec, dataset: int = 0, skip_missing: bool = Fal
     items, mismatched = [], []
     for path in images:
         size = image_size(path)
+        verify_image(path)  # decode it all now: a truncated file stops the run here, not at step 10
         cond = by_stem.get(path.stem)
         if cond is not None:
+            verify_image(cond)
             cw, ch = image_size(cond)
             target_ar, cond_ar = size[0] / size[1], cw / ch
             if abs(cond_ar - target_ar) > ASPECT_TOLERANCE * target_ar:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from trainer.data.errors import DataError
-from trainer.data.images import load_rgb, resize_center_crop, to_tensor01
+from trainer.data.images import load_rgb, resize_center_crop, to_tensor01, verify_image
 
 _OPTION = re.compile(r"\s--(n|w|h|d|s|l|cn)\s+")
 
@@ -49,12 +49,18 @@ def parse_prompt_line(line: str, base_dir: Path) -> SamplePrompt:
     return sample
 
 
-def read_prompt_file(path) -> list[SamplePrompt]:
+def read_prompt_file(path, max_steps: int = 8) -> list[SamplePrompt]:
+    """Every prompt of the file, each checked now (steps in 1..``max_steps``, sizes, cfg, a readable condition image)
+    so a bad line stops the run before training, not at the first sample."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--sample_prompts {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--sample_prompts {path} is not UTF-8 text ({exc.reason}): save it as UTF-8") from None
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
@@ -65,6 +71,14 @@ def read_prompt_file(path) -> list[SamplePrompt]:
             raise DataError(f"{path}:{number}: add --cn <condition image>; a CoDi adapter needs a condition")
         if not sample.condition.is_file():
             raise DataError(f"{path}:{number}: condition image {sample.condition} does not exist")
+        verify_image(sample.condition)
+        problem = (f"--s {sample.steps}: steps must be in 1..{max_steps}" if sample.steps is not None and
+                   not 1 <= sample.steps <= max_steps else
+                   f"--w {sample.width} / --h {sample.height}: sizes must be 64..8192 pixels" if any(
+                       v is not None and not 64 <= v <= 8192 for v in (sample.width, sample.height)) else
+                   f"--l {sample.cfg}: cfg must be >= 1" if sample.cfg is not None and not sample.cfg >= 1 else None)
+        if problem:
+            raise DataError(f"{path}:{number}: {problem}")
         prompts.append(sample)
     if not prompts:
         raise DataError(f"--sample_prompts {path} has no prompts")

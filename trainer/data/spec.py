@@ -129,11 +129,30 @@ def _warn(message: str) -> None:
     warn(message, stacklevel=3)
 
 
+def _typed(kind, value, key: str, where: str):
+    """``value`` as an int or float, or a :class:`DatasetConfigError` naming the key (``"two"``, ``2.5`` for an
+    integer and ``true`` are all refused)."""
+    if isinstance(value, bool) or (kind is int and not isinstance(value, int)) or \
+            (kind is float and not isinstance(value, (int, float))):
+        raise DatasetConfigError(f"{where}: {key} = {value!r} must be {'an integer' if kind is int else 'a number'}")
+    return kind(value)
+
+
+def _switch(value, key: str, where: str) -> bool:
+    """A TOML switch must be true or false: the string "false" would otherwise switch it on."""
+    if not isinstance(value, bool):
+        raise DatasetConfigError(f"{where}: {key} = {value!r} must be true or false (without quotes)")
+    return value
+
+
 def parse_resolution(value, where: str) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        parts = [int(v) for v in value]
-    else:
-        parts = [int(v) for v in str(value).replace("x", ",").split(",")]
+    try:
+        if isinstance(value, (list, tuple)):
+            parts = [int(v) for v in value]
+        else:
+            parts = [int(v) for v in str(value).replace("x", ",").split(",")]
+    except (TypeError, ValueError):
+        raise DatasetConfigError(f"{where}: resolution must be W or [W, H] in pixels, got {value!r}") from None
     if len(parts) not in (1, 2) or min(parts) < 64 or any(v % 8 for v in parts):
         raise DatasetConfigError(f"{where}: resolution must be W or [W, H], multiples of 8 and >= 64, got {value!r}")
     return parts[0], parts[-1]
@@ -304,7 +323,7 @@ def load_dataset_config(path, settings: DataSettings, resolution) -> list[Datase
             for table in (general, dataset, subset):  # later tables override
                 options.update({k: v for k, v in table.items() if k.startswith(CONDITION_PREFIXES)})
                 options.update(table.get("condition_args") or {})
-            num_repeats = int(value("num_repeats"))
+            num_repeats = _typed(int, value("num_repeats"), "num_repeats", where)
             if num_repeats < 1:
                 raise DatasetConfigError(f"{where}: num_repeats must be >= 1, got {num_repeats}")
             subset_specs.append(SubsetSpec(
@@ -312,16 +331,17 @@ def load_dataset_config(path, settings: DataSettings, resolution) -> list[Datase
                 conditioning_data_dir=_resolve_path(cond_dir, path.parent) if cond_dir else None,
                 condition=condition, condition_options=_filter_options(condition, options, where),
                 caption_extension=str(value("caption_extension")), default_caption=str(value("default_caption")),
-                num_repeats=num_repeats, flip_aug=bool(value("flip_aug")), random_crop=bool(value("random_crop")),
+                num_repeats=num_repeats, flip_aug=_switch(value("flip_aug"), "flip_aug", where),
+                random_crop=_switch(value("random_crop"), "random_crop", where),
                 name=f"{where} ({subset['image_dir']})"))
-        batch_size = int(dataset_value("batch_size"))
+        batch_size = _typed(int, dataset_value("batch_size"), "batch_size", d_where)
         if batch_size < 1:
             raise DatasetConfigError(f"{d_where}: batch_size must be >= 1, got {batch_size}")
         specs.append(DatasetSpec(
             resolution=parse_resolution(dataset_value("resolution"), d_where), batch_size=batch_size,
-            subsets=subset_specs, enable_bucket=bool(dataset_value("enable_bucket")),
+            subsets=subset_specs, enable_bucket=_switch(dataset_value("enable_bucket"), "enable_bucket", d_where),
             min_bucket_reso=dataset_value("min_bucket_reso"), max_bucket_reso=dataset_value("max_bucket_reso"),
-            bucket_reso_steps=int(dataset_value("bucket_reso_steps") or 64),
-            validation_split=float(dataset_value("validation_split") or 0.0),
+            bucket_reso_steps=_typed(int, dataset_value("bucket_reso_steps") or 64, "bucket_reso_steps", d_where),
+            validation_split=_typed(float, dataset_value("validation_split") or 0.0, "validation_split", d_where),
             validation_seed=dataset_value("validation_seed")))
     return specs

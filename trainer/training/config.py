@@ -7,6 +7,8 @@ Precedence: built-in defaults < values from `--config_file` < flags given on the
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,7 +18,21 @@ import tomllib
 OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Lion", "Adafactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LIST_FLAGS = ("optimizer_args", "condition_args")  # nargs="*" flags, lists in TOML
+CHOICE_SWITCHES = ("shared_timestep", "ema_warmup")  # true|false choices, written as TOML booleans
+# settings that may differ on --resume when named in --resume_changes: they change how the rest of the run
+# proceeds, not what the saved weights and optimizer state mean
+SAFE_RESUME_CHANGES = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_grad_norm", "mixed_precision",
+                       "ema_decay", "guidance_weight")
 TASKS = ("sr", "inpaint", "canny", "depth", "gray", "blur", "jpeg", "paired")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``codi: error: <what is wrong and what to do>`` and exit 2 (argparse would
+    print the whole usage block first)."""
+
+    def error(self, message):
+        sys.stderr.write(f"codi: error: {message} (`python trainer/train.py --help` lists every flag)\n")
+        sys.exit(2)
 
 
 def _bool_flag(group, name, help_text, **kw):
@@ -141,7 +157,12 @@ def _saving_flags(g) -> None:
 def _resume_flags(g) -> None:
     _bool_flag(g, "--save_state", "also save the full training state with every save (for --resume)")
     _bool_flag(g, "--save_state_on_train_end", "save the full training state at the end")
-    g.add_argument("--resume", type=str, default=None, help="a saved state folder to continue from")
+    g.add_argument("--resume", type=str, default=None,
+                   help="a saved state folder to continue from; the settings that make the run what it is (task, "
+                        "data, base, adapter, batch, optimizer, seed, ...) must match the state's")
+    g.add_argument("--resume_changes", type=str, default="",
+                   help="comma-separated settings that may differ from the state on --resume: learning_rate, "
+                        "lr_scheduler, lr_warmup_steps, max_grad_norm, mixed_precision, ema_decay, guidance_weight")
 
 
 def _sample_flags(g) -> None:
@@ -228,7 +249,7 @@ GROUPS = (("configuration", _configuration_flags), ("model", _model_flags), ("da
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="train.py",
         description=(
             "Distill a CoDi (Conditional Diffusion Distillation) adapter from your own Stable Diffusion checkpoint so "
@@ -299,11 +320,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             parser.error(f"unknown keys in {pre.config_file}: {', '.join(unknown)}")
         for key, value in values.items():
+            problem = _toml_type_problem(parser, key, value)
+            if problem:
+                parser.error(f"{pre.config_file}: `{key} = {value!r}`: {problem}")
             if isinstance(value, list) and key not in LIST_FLAGS:
                 values[key] = ",".join(str(v) for v in value)
+            elif isinstance(value, bool) and key in CHOICE_SWITCHES:  # shared_timestep = true
+                values[key] = "true" if value else "false"
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     return finalize(args, parser)
+
+
+def _toml_type_problem(parser: argparse.ArgumentParser, key: str, value) -> str | None:
+    """Why a TOML value does not fit its flag (the CLI's type and choices), or None. A switch wants true/false (the
+    string "false" would switch it *on*), an integer flag an integer (2.5 is not 2 or 3), a list flag a list."""
+    action = next(a for a in parser._actions if a.dest == key)
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return None if isinstance(value, bool) else "a switch: write true or false (without quotes)"
+    if key in LIST_FLAGS:
+        return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else \
+            'a list of "KEY=VALUE" strings'
+    if isinstance(value, bool):
+        return None if action.choices is not None and "true" in action.choices else "not a switch: give a value"
+    if action.type is int and not isinstance(value, int):
+        return "an integer"
+    if action.type is float and not isinstance(value, (int, float)):
+        return "a number"
+    if action.choices is not None and value not in action.choices:
+        return f"one of {', '.join(map(str, action.choices))}"
+    if action.type in (None, str) and not isinstance(value, (str, int, float, list)):
+        return "a string"
+    return None
 
 
 def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -325,14 +373,41 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         args.unet_lora_alpha = float(args.unet_lora_dim)
     args.shared_timestep = str(args.shared_timestep).lower() == "true"
     args.ema_warmup = str(args.ema_warmup).lower() == "true"
+    args.resume_changes = tuple(k.strip() for k in str(args.resume_changes or "").split(",") if k.strip())
+    unsafe = [k for k in args.resume_changes if k not in SAFE_RESUME_CHANGES]
+    if unsafe:
+        parser.error(f"--resume_changes: {', '.join(unsafe)} cannot change on a resume (the state's weights and "
+                     f"optimizer were made with them); only {', '.join(SAFE_RESUME_CHANGES)} can")
     if args.clip_skip is not None and args.clip_skip < 1:
         parser.error(f"--clip_skip must be >= 1 (1 = the last layer), got {args.clip_skip}")
-    args.conditioning_embedding_channels = tuple(int(c) for c in str(args.conditioning_embedding_channels).split(","))
+    args.conditioning_embedding_channels = _numbers(parser, "conditioning_embedding_channels",
+                                                    args.conditioning_embedding_channels, int, "16,32,96,256")
+    if min(args.conditioning_embedding_channels) < 1:
+        parser.error(f"--conditioning_embedding_channels must be positive, got {args.conditioning_embedding_channels}")
     if args.cfg_range:
-        parts = [float(v) for v in str(args.cfg_range).split(",")]
+        parts = _numbers(parser, "cfg_range", args.cfg_range, float, "2,8")
         if len(parts) != 2 or not 1.0 <= parts[0] <= parts[1]:
             parser.error(f"--cfg_range must be w_min,w_max with 1 <= w_min <= w_max, got {args.cfg_range}")
         args.cfg_range = tuple(parts)
+    if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
+        parser.error(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    if args.network_dim < 1:
+        parser.error(f"--network_dim (the Control-LoRA rank) must be >= 1, got {args.network_dim}")
+    if args.unet_lora_dim < 0:
+        parser.error(f"--unet_lora_dim must be >= 0 (0: no UNet LoRA), got {args.unet_lora_dim}")
+    if args.max_train_epochs is not None and args.max_train_epochs < 1:
+        parser.error(f"--max_train_epochs must be >= 1, got {args.max_train_epochs} (leave it out to train "
+                     "--max_train_steps steps)")
+    if not args.output_name or os.sep in args.output_name or "/" in args.output_name or args.output_name in (".", ".."):
+        parser.error(f"--output_name must be a plain file name without folders, got {args.output_name!r} (give the "
+                     "folder with --output_dir)")
+    if args.xformers and importlib.util.find_spec("xformers") is None:
+        parser.error("--xformers needs the xformers package (pip install xformers); leave the flag out to use "
+                     "PyTorch's scaled-dot-product attention")
+    for tracker in {"all": ("tensorboard", "wandb")}.get(args.log_with, (args.log_with,) if args.log_with else ()):
+        if importlib.util.find_spec(tracker) is None:
+            parser.error(f"--log_with {args.log_with} needs the {tracker} package (pip install {tracker}); without "
+                         "it nothing would be logged")
     if args.distill_guidance:
         # A w-conditioned adapter needs a guidance embedding that the stock ComfyUI/A1111 loaders cannot read; it
         # arrives together with the CoDi nodes that can. Refuse rather than train an adapter that ignores w.
@@ -350,7 +425,7 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         if path and not os.path.isfile(path):
             parser.error(f"--{name}: no such file: {path}")
     if args.resolution is not None:
-        parts = [int(v) for v in str(args.resolution).split(",")]
+        parts = _numbers(parser, "resolution", args.resolution, int, "512 or 512,768")
         if len(parts) not in (1, 2) or min(parts) < 64 or any(v % 8 for v in parts):
             parser.error(f"--resolution must be W or W,H, multiples of 8 and >= 64, got {args.resolution}")
         args.resolution = (parts[0], parts[-1])
@@ -362,7 +437,9 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         parser.error(f"--validation_split must be in [0, 1), got {args.validation_split}")
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
-    args.quality_report_steps = tuple(int(v) for v in str(args.quality_report_steps).split(","))
+    args.quality_report_steps = _numbers(parser, "quality_report_steps", args.quality_report_steps, int, "1,2,4")
+    if min(args.quality_report_steps) < 1:
+        parser.error(f"--quality_report_steps must be positive, got {args.quality_report_steps}")
     if args.quality_report and not (args.validation_split or args.validation_data_dir):
         parser.error("--quality_report scores held-out pairs: add --validation_split 0.1 or --validation_data_dir")
     needs_model = args.output_config is None
@@ -371,6 +448,15 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     if needs_model and not args.dry_run and not (args.train_data_dir or args.dataset_config):
         parser.error("give the training images with --train_data_dir (or --dataset_config)")
     return args
+
+
+def _numbers(parser, flag: str, value, kind, example: str) -> tuple:
+    """``"16,32"`` -> ``(16, 32)`` (a single number too), or a one-line error naming the flag."""
+    try:
+        return tuple(kind(v) for v in str(value).split(","))
+    except ValueError:
+        parser.error(f"--{flag} must be comma-separated {'integers' if kind is int else 'numbers'} like {example}, "
+                     f"got {value!r}")
 
 
 def to_toml(args: argparse.Namespace) -> str:

@@ -8,9 +8,11 @@ itself (``ccd_sampler.codi_loss``) is written out in ``docs/algorithm.md``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +24,15 @@ from trainer.adapters.controlnet import text_conditioning
 from trainer.data.caches import LatentCache, TextCache, cat_tree, encode_latents
 from trainer.data.dataset import EpochBatches, build_datasets, collate
 from trainer.data.prompts import read_prompt_file
-from trainer.training import memory, state
+from trainer.data.errors import DataError
+from trainer.models import model_hash
+from trainer.training import guard, memory, state
 from trainer.training.networks import DTYPES, Networks, OnlineModel, build_networks, tie_target_to_ema
-from trainer.training.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args
+from trainer.training.optim import (build_lr_scheduler, build_optimizer, optimizer_state_bytes_per_param,
+                                    parse_optimizer_args)
 from trainer.training.samples import generate_samples, run_quality_report
-from trainer.training.saving import (AdapterWriter, TrainingStopped, non_finite_loss, provenance, prune_step_saves,
-                                     save_state_folder, step_suffix)
+from trainer.training.saving import (DIVERGED_MAGNITUDE, AdapterWriter, TrainingStopped, diverged, non_finite_loss,
+                                     provenance, prune_step_saves, save_state_folder, step_suffix)
 from trainer.training.settings import Settings
 
 NAN_AT_STEP_ENV = "CODI_DEBUG_NAN_AT_STEP"  # tests: make the loss NaN at this optimizer step
@@ -63,6 +68,7 @@ class Run:
     losses: list = field(default_factory=list)
     last_saved: list = field(default_factory=list)
     diag: dict = field(default_factory=dict)  # the last step's loss diagnostics
+    identity: dict = field(default_factory=dict)  # what --resume compares (guard.run_identity)
 
     @property
     def device(self):
@@ -74,7 +80,8 @@ class Run:
 
     def progress(self) -> dict:
         return {"step": self.step, "micro_step": self.micro_step, "epoch": self.epoch, "position": self.position,
-                "adapter_type": self.settings.adapter.adapter_type, "seed": self.settings.run.seed}
+                "adapter_type": self.networks.adapter_type, "seed": self.settings.run.seed,
+                "identity": self.identity}
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -149,14 +156,23 @@ def prepare_training(run: Run) -> None:
         gc.collect()
     run.uncond_text = encode_text(run, [""])
     run.loss_config = settings.codi.loss_config(base.prediction_type)
+    base_hash = model_hash(settings.model.pretrained_model_name_or_path)[:12]
     run.writer = AdapterWriter(settings.save, settings.codi, networks, run.dataset, run.resolution,
-                               provenance(settings, networks.adapter_type, len(run.dataset.items), run.resolution),
+                               provenance(settings, networks.adapter_type, len(run.dataset.items), run.resolution,
+                                          base_hash),
                                (settings.adapter.unet_lora_dim, settings.adapter.unet_lora_alpha))
+    run.identity = guard.run_identity(settings, networks.adapter_type, base_hash)
+    if accelerator.is_main_process:
+        guard.check_free_space(settings.save.output_dir, expected_output_bytes(run))
 
     if settings.run.resume:
+        folder = Path(settings.run.resume)
+        changed = guard.check_resume_identity(state.read_progress(folder).get("identity"), run.identity,
+                                              settings.run.resume_changes, folder)
+        if changed:
+            run.say(f"codi: resuming with changed {', '.join(changed)} (--resume_changes)")
         inner = run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer
-        progress = state.load_training_state(Path(settings.run.resume), networks.trainable, run.ema, inner,
-                                             run.lr_scheduler)
+        progress = state.load_training_state(folder, networks.trainable, run.ema, inner, run.lr_scheduler)
         run.step, run.micro_step = progress["step"], progress["micro_step"]
         run.epoch, run.position = progress["epoch"], progress["position"]
         run.say(f"codi: resumed from {settings.run.resume} at step {run.step} (epoch {run.epoch}, batch "
@@ -164,7 +180,21 @@ def prepare_training(run: Run) -> None:
     if accelerator.is_main_process and settings.run.log_with:
         accelerator.init_trackers(settings.run.log_prefix or "codi", config=settings.flags)
     if settings.samples.sample_prompts:
-        run.sample_prompts = read_prompt_file(settings.samples.sample_prompts)
+        run.sample_prompts = read_prompt_file(settings.samples.sample_prompts,
+                                              max_steps=min(8, settings.codi.distill_grid))
+
+
+def expected_output_bytes(run: Run) -> int:
+    """The most a run keeps on disk at one time: its adapter saves and resumable states."""
+    save, trainable = run.settings.save, sum(p.numel() for p in run.networks.trainable.values())
+    every = save.save_every_n_steps
+    kept = run.max_steps // every if every else 0
+    if every and save.save_last_n_steps:
+        kept = min(kept, save.save_last_n_steps // every + 1)
+    states = (kept if save.save_state else 0) + int(save.save_state or save.save_state_on_train_end)
+    return guard.expected_bytes(trainable, {"float": 4}.get(save.save_precision, 2),
+                                optimizer_state_bytes_per_param(run.settings.optimizer.optimizer_type),
+                                saves=kept + 2, states=states)
 
 
 def encode_text(run: Run, captions: list[str]) -> dict:
@@ -241,7 +271,10 @@ def training_step(run: Run, nan_at: int = 0) -> bool:
     run.dataset.set_epoch(run.epoch)
     indices = run.batches.batch(run.epoch, run.position)
     with accelerator.accumulate(run.networks.online):
-        loss, diag = micro_batch_loss(run, indices)
+        try:
+            loss, diag = micro_batch_loss(run, indices)
+        except DataError as exc:  # a file that became unreadable since the checks before training
+            raise stop_with_state(run, f"{exc}") from None
         if nan_at and run.step + 1 == nan_at:
             loss = loss * float("nan")
         finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1).float()).min().item() == 1.0
@@ -258,11 +291,52 @@ def training_step(run: Run, nan_at: int = 0) -> bool:
     run.losses.append(float(loss.detach()))
     if not accelerator.sync_gradients:
         return False
+    bad = diverged(trainable)
+    if bad:
+        # a finite loss can still come with an update that overflows the weights (--learning_rate 1e30): the EMA
+        # has not taken this step yet, so it is the last good adapter
+        kept = run.writer.save(run.ema, run.step, suffix="-last-good") if accelerator.is_main_process else []
+        raise TrainingStopped(
+            f"the weights diverged in the update of step {run.step + 1} ({len(bad)} tensors not finite or above "
+            f"{DIVERGED_MAGNITUDE:g}; the loss was "
+            f"{run.losses[-1]:.4g}): training stopped; the last good adapter (EMA weights after step {run.step}) is "
+            f"kept at {', '.join(map(str, kept)) or '(main process)'}. Try a lower --learning_rate or "
+            "--max_grad_norm 1.0")
     run.lr_scheduler.step()
     run.ema.update(trainable)
     run.step += 1
     run.diag = diag
     return True
+
+
+def stop_with_state(run: Run, why: str, error=TrainingStopped) -> Exception:
+    """Save the adapter so far and a resumable state (also without ``--save_state``), then the error to raise: it
+    says what happened, where everything is and how to continue."""
+    save = run.settings.save
+    if not run.accelerator.is_main_process:
+        return error(why)
+    name = f"{save.output_name}{step_suffix(run.step)}-state"
+    try:
+        adapters = run.writer.save(run.ema, run.step, suffix=step_suffix(run.step)) if run.step else []
+        folder = save_state_folder(save, name, run.networks.trainable, run.ema, run.optimizer, run.lr_scheduler,
+                                   run.progress())
+    except OSError as exc:
+        adapters, folder = rescue(run, exc)
+    kept = f"the adapter so far is {adapters[0]}; " if adapters else ""
+    return error(f"{why}. Stopped after step {run.step}: {kept}continue with --resume {folder}")
+
+
+def rescue(run: Run, exc: OSError) -> tuple[list[Path], Path]:
+    """Saving in the output folder failed (disk full, folder gone): the adapter and the state go to a folder of
+    the temporary directory instead, so the training is not lost."""
+    save = run.settings.save
+    folder = Path(tempfile.gettempdir()) / f"codi-rescue-{save.output_name}-{guard.timestamp()}"
+    run.say(f"codi: could not write in {save.output_dir} ({exc.strerror or exc}): saving to {folder} instead")
+    adapters = run.writer.save(run.ema, run.step, folder=folder)
+    state_folder = save_state_folder(save, f"{save.output_name}{step_suffix(run.step)}-state",
+                                     run.networks.trainable, run.ema, run.optimizer, run.lr_scheduler,
+                                     run.progress(), folder=folder)
+    return adapters, state_folder
 
 
 def after_step(run: Run, progress_bar) -> None:
@@ -280,10 +354,17 @@ def after_step(run: Run, progress_bar) -> None:
     if save.save_every_n_steps and run.step % save.save_every_n_steps == 0 and run.step < run.max_steps:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            run.last_saved = run.writer.save(run.ema, run.step, suffix=step_suffix(run.step))
-            if save.save_state:
-                save_state_folder(save, f"{save.output_name}{step_suffix(run.step)}-state", run.networks.trainable,
-                                  run.ema, run.optimizer, run.lr_scheduler, run.progress())
+            try:
+                run.last_saved = run.writer.save(run.ema, run.step, suffix=step_suffix(run.step))
+                if save.save_state:
+                    save_state_folder(save, f"{save.output_name}{step_suffix(run.step)}-state",
+                                      run.networks.trainable, run.ema, run.optimizer, run.lr_scheduler,
+                                      run.progress())
+            except OSError as exc:
+                adapters, folder = rescue(run, exc)
+                raise TrainingStopped(f"could not save step {run.step} in {save.output_dir} ({exc.strerror or exc}); "
+                                      f"the adapter so far is {adapters[0]}, continue with --resume {folder} once "
+                                      "there is room") from None
             prune_step_saves(save, run.step)
     every = settings.samples.sample_every_n_steps
     if run.sample_prompts and every and run.step % every == 0:
@@ -301,7 +382,20 @@ def render_samples(run: Run) -> None:
 
 
 def train(settings: Settings) -> dict:
-    """Train an adapter; returns a summary (steps, seconds, peak memory, files written)."""
+    """Train an adapter; returns a summary (steps, seconds, peak memory, files written). The output folder is
+    checked and locked before anything is loaded; Ctrl-C / SIGTERM save a resumable state."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if not settings.run.dry_run:
+        guard.check_output_folder(settings.save.output_dir)
+    if settings.samples.sample_prompts:  # every line checked before the models load
+        read_prompt_file(settings.samples.sample_prompts, max_steps=min(8, settings.codi.distill_grid))
+    lock = guard.OutputLock(settings.save.output_dir, settings.save.output_name) \
+        if main_process and not settings.run.dry_run else contextlib.nullcontext()
+    with lock, guard.Interrupts() as interrupts:
+        return _train(settings, interrupts)
+
+
+def _train(settings: Settings, interrupts: guard.Interrupts) -> dict:
     from tqdm.auto import tqdm
 
     run = start_run(settings)
@@ -327,9 +421,13 @@ def train(settings: Settings) -> dict:
     memory.reset_peak_memory(run.device)
 
     networks.online.train()
+    interrupts.armed = True  # from here on a Ctrl-C saves the run instead of stopping at once
     while run.step < run.max_steps:
         if training_step(run, nan_at):
             after_step(run, progress_bar)
+        if interrupts.requested and run.accelerator.sync_gradients:
+            progress_bar.close()
+            raise stop_with_state(run, f"{interrupts.requested} received", guard.Interrupted)
     progress_bar.close()
     return finish(run, time.time() - start_time, start_step)
 
@@ -354,10 +452,16 @@ def finish(run: Run, elapsed: float, start_step: int) -> dict:
     accelerator.wait_for_everyone()
     final_paths = []
     if accelerator.is_main_process:
-        final_paths = run.writer.save(run.ema, run.step)
-        if save.save_state or save.save_state_on_train_end:
-            save_state_folder(save, f"{save.output_name}-state", run.networks.trainable, run.ema, run.optimizer,
-                              run.lr_scheduler, run.progress())
+        try:
+            final_paths = run.writer.save(run.ema, run.step)
+            if save.save_state or save.save_state_on_train_end:
+                save_state_folder(save, f"{save.output_name}-state", run.networks.trainable, run.ema,
+                                  run.optimizer, run.lr_scheduler, run.progress())
+        except OSError as exc:
+            adapters, folder = rescue(run, exc)
+            raise TrainingStopped(f"training finished but {save.output_dir} could not take the adapter "
+                                  f"({exc.strerror or exc}): it is at {adapters[0]}, with a resumable state in "
+                                  f"{folder}") from None
     if run.sample_prompts and settings.samples.sample_every_n_steps:
         render_samples(run)
     report = None

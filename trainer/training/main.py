@@ -31,4 +31,7 @@ def main(argv=None) -> int:
     except CodiError as exc:
         print(f"codi: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C while the libraries load, before the run's own handler is installed
+        print("codi: interrupted before training started: nothing was written", file=sys.stderr, flush=True)
+        return 130
     return 0

@@ -127,6 +127,7 @@ class RunSettings:
     cache_latents_to_disk: bool = False
     cache_text_encoder_outputs: bool = False
     resume: str | None = None
+    resume_changes: tuple[str, ...] = ()
     dry_run: bool = False
     log_with: str | None = None
     logging_dir: str | None = None

@@ -11,8 +11,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from trainer.disk import write_safetensors
 from trainer.errors import CodiError
 
 STATE_FILES = ("trainable.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt",
@@ -27,21 +28,27 @@ def save_training_state(folder: Path, trainable: dict[str, torch.Tensor], ema, o
                         progress: dict) -> Path:
     """Write the state to ``folder`` (replacing it atomically). ``progress`` is JSON: step, epoch, position, ..."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
+    # a name of this process's own: two trainers (or a killed one's leftovers) never share a temporary folder
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in trainable.items()},
-              str(tmp / "trainable.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**progress, "ema_num_updates": ema.num_updates,
-                                                       "ema_decay": ema.decay, "ema_warmup": ema.warmup}, indent=2))
-    old = folder.with_name(folder.name + ".old")
+    try:
+        tmp.mkdir(parents=True)
+        write_safetensors({k: v.detach().float().cpu().contiguous() for k, v in trainable.items()},
+                          tmp / "trainable.safetensors")
+        write_safetensors({k: v.detach().cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**progress, "ema_num_updates": ema.num_updates,
+                                                           "ema_decay": ema.decay, "ema_warmup": ema.warmup},
+                                                          indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written state behind
+        raise
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
@@ -69,7 +76,24 @@ def read_progress(folder: Path) -> dict:
     missing = [name for name in STATE_FILES if not (folder / name).is_file()]
     if missing:
         raise StateError(f"--resume {folder}: incomplete state, missing {', '.join(missing)}")
-    return json.loads((folder / "trainer_state.json").read_text())
+    try:
+        progress = json.loads((folder / "trainer_state.json").read_text())
+        for key in ("step", "micro_step", "epoch", "position", "ema_decay", "ema_num_updates"):
+            progress[key]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"--resume {folder}: trainer_state.json is damaged ({type(exc).__name__}: {exc}); resume "
+                         "from an earlier state folder") from None
+    return progress
+
+
+def _read(folder: Path, name: str, reader):
+    """One file of a state folder, or a :class:`StateError` naming it (truncated, overwritten, not ours)."""
+    try:
+        return reader(folder / name)
+    except Exception as exc:  # safetensors, torch and pickle each raise their own types for a damaged file
+        raise StateError(f"--resume {folder}: {name} cannot be read ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); resume from an earlier state folder") \
+            from None
 
 
 def load_training_state(folder: Path, trainable: dict[str, torch.nn.Parameter], ema, optimizer,
@@ -77,7 +101,7 @@ def load_training_state(folder: Path, trainable: dict[str, torch.nn.Parameter], 
     """Restore everything saved by :func:`save_training_state` in place; returns the progress dict."""
     folder = Path(folder)
     progress = read_progress(folder)
-    weights = load_file(str(folder / "trainable.safetensors"))
+    weights = _read(folder, "trainable.safetensors", lambda p: load_file(str(p)))
     if weights.keys() != trainable.keys():
         missing = sorted(trainable.keys() - weights.keys())[:5]
         extra = sorted(weights.keys() - trainable.keys())[:5]
@@ -91,10 +115,18 @@ def load_training_state(folder: Path, trainable: dict[str, torch.nn.Parameter], 
             param.copy_(weights[name].to(param.device, param.dtype))
     ema.load_state_dict({"decay": progress["ema_decay"], "num_updates": progress["ema_num_updates"],
                          "warmup": progress.get("ema_warmup", False),
-                         "shadow": load_file(str(folder / "ema.safetensors"))})
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)
+                         "shadow": _read(folder, "ema.safetensors", lambda p: load_file(str(p)))})
+
+    def torch_file(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    try:
+        optimizer.load_state_dict(_read(folder, "optimizer.pt", torch_file))
+    except (KeyError, ValueError) as exc:  # another --optimizer_type wrote it
+        raise StateError(f"--resume {folder}: the optimizer state does not fit this optimizer ({exc}); resume with "
+                         "the --optimizer_type of the run that saved it") from None
+    lr_scheduler.load_state_dict(_read(folder, "scheduler.pt", torch_file))
+    rng = _read(folder, "rng.pt", torch_file)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
