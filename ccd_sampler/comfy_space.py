@@ -1,4 +1,5 @@
-"""The CoDi sampler's equations in ComfyUI / k-diffusion "sigma space" (pure torch; used by the ComfyUI nodes).
+"""The CoDi sampler's equations in ComfyUI / k-diffusion "sigma space" (pure torch; used by the ComfyUI nodes and the
+Automatic1111 / Forge extension, whose samplers are k-diffusion's too).
 
 ComfyUI (k-diffusion) works on the variance-exploding latent ``x = x0 + sigma * eps`` with ``sigma = sigma_t / alpha_t``
 (``sigma_karras``), while ``ccd_sampler`` works on the variance-preserving ``z_t = alpha_t x0 + sigma_t eps``. The two
@@ -102,4 +103,52 @@ def start_latent(noise: torch.Tensor, latent: torch.Tensor, sigma0, unit_varianc
     return noise * sigma0 + latent
 
 
-__all__ = ["alpha_from_sigma", "boundary_denoised", "euler_step", "implied_eps", "lcm_step", "start_latent"]
+def grid_sigmas(sigma_table: torch.Tensor, timesteps) -> torch.Tensor:
+    """The sigma-space schedule of a timestep list: ``sigma_table[t]`` for each ``t`` (descending), then ``0``.
+
+    ``sigma_table`` is the model's ``[T]`` table of ``sqrt((1 - abar_t) / abar_t)`` (ComfyUI's
+    ``model_sampling.sigmas``, the web UIs' ``model_wrap.sigmas``); e.g. ``codi_timesteps(4)`` gives the sigmas of
+    ``t = 980, 720, 460, 200`` and ``0``."""
+    index = torch.as_tensor(list(timesteps), dtype=torch.long, device=sigma_table.device)
+    return torch.cat([sigma_table[index].float(), sigma_table.new_zeros(1, dtype=torch.float32)])
+
+
+@torch.no_grad()
+def sample_sigma_space(model, x: torch.Tensor, sigmas: torch.Tensor, mode: str = "ode", extra_args=None,
+                       callback=None, noise=None, boundary=None, progress=range) -> torch.Tensor:
+    """The CoDi sampler loop over a k-diffusion denoiser ``model(x, sigma, **extra_args) -> denoised``.
+
+    Per step ``i`` (``sigma = sigmas[i]``, ``sigma_next = sigmas[i + 1]``)::
+
+        f = model(x, sigma)                              (optionally f <- boundary(x, f, sigma))
+        ode, or the last step:  x = f + sigma_next (x - f) / sigma        (euler_step)
+        consistency:            x = f + sigma_next xi,  xi = noise()       (lcm_step)
+
+    ``boundary`` is for hosts whose denoiser returns the plain ``x0_hat`` (the web UIs): a callable ``(x, f, sigma)
+    -> f`` such as :func:`boundary_denoised` with the sigma's timestep; ComfyUI applies it inside the patched model
+    instead. ``noise()`` returns fresh ``N(0, I)`` noise like ``x`` (the host's seeded generator). ``callback``
+    gets k-diffusion's ``{"x", "i", "sigma", "sigma_hat", "denoised"}``; ``progress`` wraps ``range`` (a progress
+    bar)."""
+    if mode not in ("ode", "consistency"):
+        raise ValueError(f"CoDi sampler mode must be 'ode' or 'consistency', got {mode!r}")
+    if mode == "consistency" and noise is None:
+        raise ValueError("the consistency mode needs a noise source")
+    extra_args = {} if extra_args is None else extra_args
+    steps = len(sigmas) - 1
+    s_in = x.new_ones([x.shape[0]])
+    for i in progress(steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in, **extra_args)
+        if boundary is not None:
+            denoised = boundary(x, denoised, sigma)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        if mode == "ode" or i + 1 == steps:
+            x = euler_step(x, denoised, sigma, sigma_next)
+        else:
+            x = lcm_step(denoised, noise(), sigma_next)
+    return x
+
+
+__all__ = ["alpha_from_sigma", "boundary_denoised", "euler_step", "grid_sigmas", "implied_eps", "lcm_step",
+           "sample_sigma_space", "start_latent"]

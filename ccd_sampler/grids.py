@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 from .schedule import SD_NUM_TRAIN_TIMESTEPS
 
+MAX_STEPS = 8  # CoDi is a 1-8 step sampler: the hosts (ComfyUI nodes, web-UI panel) refuse more
+
 
 def distill_grid(grid: int, num_train_timesteps: int = SD_NUM_TRAIN_TIMESTEPS) -> list[int]:
     """The full descending CoDi grid ``[k(N-1), ..., k, 0]`` with ``k = T // N``."""

@@ -36,12 +36,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "BT601_WEIGHTS", "CANNY_BLUR_KERNEL_SIZE", "CANNY_BLUR_SIGMA", "HINT_RANGES", "INPAINT_MASKED_VALUE",
+    "BT601_WEIGHTS", "CANNY_BLUR_KERNEL_SIZE", "CANNY_BLUR_SIGMA", "HINT_RANGES", "INPAINT_MASKED_VALUE", "SR_SCALES",
     "canny_hint", "check_canny_thresholds", "gray_hint", "inpaint_hint", "rgb_to_luma", "sr_hint", "upscale_to",
 ]
 
 #: ITU-R BT.601 luma weights (R, G, B), as OpenCV's ``COLOR_RGB2GRAY`` and PIL's ``convert("L")`` use.
 BT601_WEIGHTS = (0.299, 0.587, 0.114)
+
+#: Upscale factors of the super-resolution hint (the trainer's ``--sr_scale``, the hosts' SR input).
+SR_SCALES = (2, 4, 8)
 
 #: Value given to masked pixels of an inpainting hint (see :func:`inpaint_hint`).
 INPAINT_MASKED_VALUE = -1.0

@@ -27,12 +27,11 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..ccd_sampler.hints import canny_hint, check_canny_thresholds, inpaint_hint, sr_hint
+from ..ccd_sampler.hints import SR_SCALES, canny_hint, check_canny_thresholds, inpaint_hint, sr_hint
 from .types import CoDiInfoType
 
 logger = logging.getLogger("codi")
 
-SR_SCALES = (2, 4, 8)
 DEFAULT_SR_SCALE = 4
 SCALE_CHOICES = ("auto",) + tuple(str(s) for s in SR_SCALES)
 THRESHOLD_SOURCES = ("adapter", "manual")

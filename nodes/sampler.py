@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..ccd_sampler.comfy_space import euler_step, lcm_step, start_latent
+from ..ccd_sampler.comfy_space import sample_sigma_space, start_latent
 from ..ccd_sampler.sampling import SAMPLER_MODES
 
 START_CHOICES = ("codi", "comfyui")
@@ -59,27 +59,20 @@ def _eps_noise_scaling():
 @torch.no_grad()
 def sample_codi(model, x, sigmas, extra_args=None, callback=None, disable=None, mode: str = "ode",
                 noise_seed: int = 0, start: str = "codi"):
-    """The KSAMPLER sampler function (k-diffusion signature)."""
+    """The KSAMPLER sampler function (k-diffusion signature): :func:`ccd_sampler.comfy_space.sample_sigma_space`
+    over the CoDi-patched model (which applies the boundary scalings itself)."""
     if mode not in SAMPLER_MODES:
         raise ValueError(f"CoDi sampler mode must be one of {SAMPLER_MODES}, got {mode!r}")
-    extra_args = {} if extra_args is None else extra_args
     if len(sigmas) <= 1:
         return x
     x = _start(model, x, sigmas, start)
     generator = torch.Generator(device="cpu").manual_seed(int(noise_seed)) if mode == "consistency" else None
-    s_in = x.new_ones([x.shape[0]])
-    steps = len(sigmas) - 1
-    for i in _trange(steps, disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        if mode == "ode" or i + 1 == steps:
-            x = euler_step(x, denoised, sigma, sigma_next)
-        else:
-            noise = torch.randn(x.shape, generator=generator, device="cpu", dtype=torch.float32).to(x)
-            x = lcm_step(denoised, noise, sigma_next)
-    return x
+
+    def noise():
+        return torch.randn(x.shape, generator=generator, device="cpu", dtype=torch.float32).to(x)
+
+    return sample_sigma_space(model, x, sigmas, mode, extra_args, callback, noise,
+                              progress=lambda n: _trange(n, disable))
 
 
 def codi_sampler(mode: str = "ode", noise_seed: int = 0, start: str = "codi"):

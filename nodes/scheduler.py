@@ -20,11 +20,10 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..ccd_sampler.grids import codi_timesteps, img2img_timesteps
+from ..ccd_sampler.grids import MAX_STEPS, codi_timesteps, img2img_timesteps
 from .codi_info import CoDiInfo, check_architecture
 from .types import CoDiInfoType
 
-MAX_STEPS = 8
 END_CHOICES = ("zero", "sigma_0")
 DEFAULT_GRID = 50
 

@@ -2,8 +2,9 @@
 
 * ``ccd_sampler/`` imports only torch and the standard library (the ComfyUI nodes and the web-UI glue load it
   inside the UIs' own environments);
-* ``nodes/`` and the web-UI glue (``scripts/``, ``webui/``) never import ``trainer/``, and ``trainer/`` never imports
-  them (the node pack and the extension load without diffusers, accelerate or bitsandbytes);
+* ``nodes/`` and the web-UI glue (``scripts/``, ``codi_webui/``) never import ``trainer/``, and ``trainer/`` never
+  imports them (the node pack and the extension load without diffusers, accelerate or bitsandbytes); the ComfyUI nodes
+  and the web-UI glue never import each other (each runs inside its own host);
 * inside ``trainer/`` the sub-packages form layers -- ``errors``, ``disk`` < ``models`` < ``adapters``, ``data`` <
   ``evaluation`` < ``training`` < the entry scripts -- and a module imports only from its own sub-package or a
   lower layer (``adapters`` and ``data`` do not import each other);
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TRAINER_LAYERS = {"errors": 0, "disk": 0, "models": 1, "adapters": 2, "data": 2, "evaluation": 3, "training": 4,
                   "train": 5, "quality_report": 5, "__init__": 5}
-GLUE_PACKAGES = ("nodes", "scripts", "webui")
+GLUE_PACKAGES = ("nodes", "scripts", "codi_webui")
 CCD_ALLOWED = {"torch"}
 
 
@@ -116,8 +117,12 @@ def layering_violations(root: Path) -> list[str]:
     for glue in GLUE_PACKAGES:
         for path in python_files(root, glue):
             for name, line in imports_of(path, root):
-                if name.split(".")[0] == "trainer":
+                top = name.split(".")[0]
+                if top == "trainer":
                     problems.append(f"{path.relative_to(root)}:{line}: {glue}/ imports the trainer ({name})")
+                elif top in GLUE_PACKAGES and (top == "nodes") != (glue == "nodes"):
+                    problems.append(f"{path.relative_to(root)}:{line}: {glue}/ imports {top}/ ({name}): the ComfyUI "
+                                    "nodes and the web-UI glue are separate")
     modules = trainer_modules(root)
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, path in modules.items():
@@ -158,10 +163,12 @@ def _write(root: Path, files: dict[str, str]) -> None:
 
 def test_planted_violations_are_found(tmp_path):
     """A copy of the rules on a small planted tree: a lazy import that closes a cycle, an upward import, a trainer
-    import from the nodes, and a non-torch dependency of ccd_sampler are each reported."""
+    import from the nodes, a nodes import from the web-UI glue, and a non-torch dependency of ccd_sampler are each
+    reported."""
     _write(tmp_path, {
         "ccd_sampler/__init__.py": "import torch\nimport numpy\n",
         "nodes/__init__.py": "from trainer.models import base\n",
+        "codi_webui/panel.py": "from nodes.codi_info import CoDiInfo\n",
         "trainer/__init__.py": "",
         "trainer/errors.py": "",
         "trainer/models/__init__.py": "",
@@ -175,6 +182,7 @@ def test_planted_violations_are_found(tmp_path):
     problems = "\n".join(layering_violations(tmp_path))
     assert "ccd_sampler imports numpy" in problems
     assert "nodes/ imports the trainer (trainer.models.base)" in problems
+    assert "codi_webui/ imports nodes/ (nodes.codi_info.CoDiInfo)" in problems
     assert "import cycle: trainer.models.base -> trainer.models.single_file" in problems
     assert "trainer.data (layer 2) imports trainer.training.loop" in problems
     assert "import cycle: trainer.data.dataset -> trainer.training.loop" in problems

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ccd_sampler import hints
+from ccd_sampler.hints import SR_SCALES
 from trainer.data.images import to_tensor01
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
 ]
 
 #: Super-resolution factors the ``sr`` builder supports.
-SR_SCALES = (2, 4, 8)
 #: Smallest side (pixels) of a target, and of the low-res image an ``sr`` builder makes.
 MIN_IMAGE_SIZE = 8
 
