@@ -389,8 +389,9 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         if len(parts) != 2 or not 1.0 <= parts[0] <= parts[1]:
             parser.error(f"--cfg_range must be w_min,w_max with 1 <= w_min <= w_max, got {args.cfg_range}")
         args.cfg_range = tuple(parts)
-    if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
-        parser.error(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    # 0 is allowed: it freezes the adapter (useful to check what --init_adapter loaded).
+    if not math.isfinite(args.learning_rate) or args.learning_rate < 0:
+        parser.error(f"--learning_rate must be a number >= 0, got {args.learning_rate}")
     if args.network_dim < 1:
         parser.error(f"--network_dim (the Control-LoRA rank) must be >= 1, got {args.network_dim}")
     if args.unet_lora_dim < 0:
