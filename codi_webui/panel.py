@@ -2,9 +2,9 @@
 (:func:`codi_webui.plan.make_plan`) and apply it to the processing object ``p`` -- or make the generation fail with
 the reason.
 
-A hook's exception would be logged and ignored by the web UIs, so a refusal replaces ``p.sample`` (called directly by
-``process_images``) with a function that raises it: the API answers 400 with the message, the UI shows it, and the
-server goes on serving.
+A hook's exception would be logged and ignored by the web UIs, so a refusal is recorded and ``p.sample`` (called
+directly by ``process_images``) is wrapped to raise it: the API answers 400 with the message, the UI shows it, and
+the server goes on serving.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ logger = logging.getLogger("codi")
 def model_family(sd_model) -> tuple[str | None, str]:
     """``(family, label)`` of the loaded checkpoint: family ``sd1``/``sd2``/``sdxl`` (both UIs set ``is_sd1``,
     ``is_sd2``, ``is_sdxl`` on it) or None."""
-    name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name", None) or "the loaded checkpoint"
-    for family, flag, label in (("sdxl", "is_sdxl", "SDXL"), ("sd2", "is_sd2", "SD2.x"), ("sd1", "is_sd1", "SD1.x")):
+    name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name", None) or "?"
+    for family, flag in (("sdxl", "is_sdxl"), ("sd2", "is_sd2"), ("sd1", "is_sd1")):
         if getattr(sd_model, flag, False):
-            return family, f"{name} is {label}"
-    return None, f"{name}, neither SD1.x, SD2.x nor SDXL"
+            return family, f"checkpoint {name}"
+    return None, f"checkpoint {name}"
 
 
 def unit_adapters(p) -> list[CoDiInfo]:
@@ -49,12 +49,11 @@ def unit_adapters(p) -> list[CoDiInfo]:
     return infos
 
 
-def plan_generation(p, panel: PanelSettings) -> CoDiPlan | None:
+def plan_generation(p, panel: PanelSettings, adapters: list[CoDiInfo]) -> CoDiPlan | None:
     from modules import shared
 
     family, label = model_family(shared.sd_model)
-    return make_plan(unit_adapters(p), panel, family, label, str(p.sampler_name), int(p.steps),
-                     float(p.cfg_scale))
+    return make_plan(adapters, panel, family, label, str(p.sampler_name), int(p.steps), float(p.cfg_scale))
 
 
 def apply_plan(p, plan: CoDiPlan) -> None:
@@ -66,23 +65,39 @@ def apply_plan(p, plan: CoDiPlan) -> None:
                 "no CoDi adapter", plan.steps, plan.cfg, plan.sampler_name, plan.timesteps)
 
 
-def refuse(p, error: CoDiWebUIError) -> None:
-    """Make this generation fail with ``error`` (see the module docstring)."""
-    CURRENT.fail(str(error))
+def guard_sampling(p) -> None:
+    """Raise what the panel or a CoDi preprocessor recorded (:meth:`Generation.fail`) when ``p`` is about to sample,
+    whatever its sampler: ``process_images`` calls ``p.sample`` directly, so its exception reaches the API (400 with
+    the message) and the UI, where a hook's would be logged and ignored."""
+    original = p.sample
 
     def sample(*args, **kwargs):
         CURRENT.raise_errors()
-        raise error
+        return original(*args, **kwargs)
 
     p.sample = sample
 
 
+def inspect(p) -> None:
+    """The panel's ``before_process`` hook: reset the generation's state, guard its sampling, and read the units'
+    adapter files -- before any ``process`` hook, because Forge's ControlNet moves a file it cannot read out of the
+    way in its own."""
+    CURRENT.reset((int(p.height) // 8 * 8, int(p.width) // 8 * 8))
+    guard_sampling(p)
+    try:
+        CURRENT.adapters = unit_adapters(p)
+    except CoDiWebUIError as e:
+        CURRENT.refuse(str(e))
+
+
 def run(p, panel: PanelSettings) -> None:
     """The panel's ``process`` hook."""
+    if CURRENT.refused:
+        return
     try:
-        plan = plan_generation(p, panel)
+        plan = plan_generation(p, panel, CURRENT.adapters)
     except CoDiWebUIError as e:
-        refuse(p, e)
+        CURRENT.refuse(str(e))
         return
     CURRENT.plan = plan
     if plan is not None:

@@ -145,13 +145,21 @@ class Generation:
     plan: CoDiPlan | None = None
     target_size: tuple[int, int] | None = None  # (height, width) in pixels, multiples of 8
     errors: list[str] = field(default_factory=list)
+    adapters: list[CoDiInfo] = field(default_factory=list)  # the enabled units' files, in unit order
+
+    refused: bool = False  # the panel refused the generation: it plans nothing
 
     def reset(self, target_size: tuple[int, int] | None = None) -> None:
-        self.plan, self.target_size, self.errors = None, target_size, []
+        self.plan, self.target_size, self.errors, self.adapters, self.refused = None, target_size, [], [], False
 
     def fail(self, message: str) -> None:
+        """Record an error for the sampling to raise (a preprocessor's, or the panel's)."""
         logger.error("%s", message)
         self.errors.append(message)
+
+    def refuse(self, message: str) -> None:
+        self.fail(message)
+        self.refused = True
 
     def raise_errors(self) -> None:
         if self.errors:

@@ -41,7 +41,7 @@ def image_to_bchw(image) -> torch.Tensor:
     array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
     if array.dtype != np.uint8:
         raise ValueError(f"expected 8-bit pixels, got {array.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(array)).float().div_(255.0).permute(2, 0, 1).unsqueeze(0)
+    return torch.from_numpy(np.array(array, dtype=np.uint8)).float().div_(255.0).permute(2, 0, 1).unsqueeze(0)
 
 
 def mask_to_b1hw(mask, size: tuple[int, int]) -> torch.Tensor:

@@ -10,8 +10,8 @@ sigma eps``) for epsilon and v-prediction checkpoints alike. So one sampler serv
   denoisers do not apply them (A1111's LCM denoiser would, Forge never calls it). Guidance combines the two branches
   with weights that sum to one, so scaling after CFG equals scaling each branch;
 * a txt2img start is CoDi's ``z ~ N(0, I)``: the UIs start from ``xi sigma_0`` unless "SGM noise multiplier" is on,
-  so ``x`` is scaled by ``sqrt(1 + sigma_0^2) / sigma_0`` (1.0023 at t = 980) -- img2img and hires passes start as the
-  UI made them (``x_init + sigma xi``, CoDi's img2img start);
+  so ``x`` is scaled by ``sqrt(1 + sigma_0^2) / sigma_0`` (1.0023 at t = 980); img2img and hires passes keep the
+  last ``round(strength * steps)`` timesteps of the grid (:func:`img2img_schedule`) from ``x_init + sigma xi``;
 * consistency noise comes from the UI's seeded generator (``k_diffusion.sampling.torch.randn_like``, which both UIs
   point at the generation's per-seed RNG), so a seed reproduces an image, also inside a batch.
 
@@ -32,7 +32,7 @@ from functools import partial
 import torch
 
 from ccd_sampler.comfy_space import boundary_denoised, grid_sigmas, sample_sigma_space
-from ccd_sampler.grids import codi_timesteps
+from ccd_sampler.grids import codi_timesteps, img2img_timesteps
 
 from .plan import CURRENT, SAMPLER_NAMES, SCHEDULER_LABEL, SCHEDULER_NAME, CoDiPlan, CoDiWebUIError, default_plan
 
@@ -87,13 +87,16 @@ def sample_codi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     if len(sigmas) <= 1:
         return x
     model_wrap = model.inner_model
-    plan = active_plan(len(sigmas) - 1, mode)
+    p = getattr(model, "p", None)
+    plan = active_plan(int(getattr(p, "steps", 0) or len(sigmas) - 1), mode)
     mode = plan.mode if CURRENT.plan is not None else mode
     check_schedule(plan, model_wrap)
-    p = getattr(model, "p", None)
-    sigma0 = float(sigmas[0])
-    if _is_txt2img_start(p) and not _sgm_noise_multiplier() and sigma0 > 0:
-        x = x * (math.sqrt(1.0 + sigma0 * sigma0) / sigma0)
+    if _is_txt2img_start(p):
+        sigma0 = float(sigmas[0])
+        if not _sgm_noise_multiplier() and sigma0 > 0:
+            x = x * (math.sqrt(1.0 + sigma0 * sigma0) / sigma0)
+    elif p is not None:
+        x, sigmas = img2img_schedule(model, x, sigmas, plan, p)
     start = x
     meta = plan.metadata
     if meta.boundary:
@@ -107,8 +110,27 @@ def sample_codi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     logger.info("CoDi: %d steps (%s, boundary %s), t = %s, sigmas %s", len(sigmas) - 1, mode,
                 "on" if meta.boundary else "off", timesteps_of(model_wrap, sigmas[:-1].cpu()).long().tolist(),
                 [round(float(s), 4) for s in sigmas])
-    _trace(start, sigmas, model_wrap, result)
+    _trace(start, sigmas, model_wrap, result, extra_args)
     return result
+
+
+def img2img_schedule(model, x, sigmas, plan: CoDiPlan, p):
+    """img2img (and hires passes) with CoDi's convention, as the ComfyUI nodes' ``denoise``: the last
+    ``round(strength * steps)`` timesteps of the adapter's grid (:func:`ccd_sampler.img2img_timesteps`). The web
+    UIs would run ``int(strength * steps) + 1`` steps -- at 2 steps and strength 0.5 both, from t = 980, which
+    ignores the input image. The UI's start ``x = init + sigma xi`` is rebuilt at the first kept sigma from the same
+    noise ``xi``."""
+    init = getattr(model, "init_latent", None)
+    strength = float(getattr(p, "denoising_strength", 1.0) or 1.0)
+    if init is None or init.shape != x.shape or not 0.0 < strength < 1.0:
+        return x, sigmas
+    model_wrap = model.inner_model
+    wanted = img2img_timesteps(plan.timesteps, strength)
+    if timesteps_of(model_wrap, sigmas[:-1].cpu()).long().tolist() == wanted:
+        return x, sigmas
+    noise = (x - init.to(x)) / sigmas[0]
+    kept = grid_sigmas(model_wrap.sigmas.detach().float().cpu(), wanted).to(x.device)
+    return init.to(x) + kept[0] * noise, kept
 
 
 # the largest sigma of SD's schedule is 14.6; rescaled to zero terminal SNR it is ~4.5e3 (A1111) or infinite
@@ -145,17 +167,29 @@ def codi_scheduler(n, sigma_min, sigma_max, inner_model, device):
     return grid_sigmas(table.detach().float().cpu(), timesteps).to(device)
 
 
-def _trace(start, sigmas, model_wrap, result) -> None:
+def _trace(start, sigmas, model_wrap, result, extra_args) -> None:
+    """Tests: what this sampling started from, stepped through and returned, and the text conditioning the UNet
+    saw (the UI's own reconstruction of its prompt schedule at step 0)."""
     folder = os.environ.get(TRACE_ENV)
     if not folder:
         return
     from safetensors.torch import save_file
 
+    tensors = {"x_start": start, "sigmas": sigmas, "timesteps": timesteps_of(model_wrap, sigmas[:-1].cpu()),
+               "result": result, "sigma_table": model_wrap.sigmas}
+    try:
+        from modules import prompt_parser
+
+        _, cond = prompt_parser.reconstruct_multicond_batch((extra_args or {})["cond"], 0)
+        if isinstance(cond, dict):
+            tensors.update({f"cond.{k}": v for k, v in cond.items() if isinstance(v, torch.Tensor)})
+        else:
+            tensors["cond"] = cond
+    except (ImportError, KeyError, TypeError, AttributeError) as e:
+        logger.info("CoDi trace: no conditioning recorded (%s)", e)
     os.makedirs(folder, exist_ok=True)
     index = len([f for f in os.listdir(folder) if f.startswith("trace-")])
-    save_file({"x_start": start.detach().float().cpu().contiguous(), "sigmas": sigmas.detach().float().cpu(),
-               "timesteps": timesteps_of(model_wrap, sigmas[:-1].cpu()).contiguous(),
-               "result": result.detach().float().cpu().contiguous()},
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
               os.path.join(folder, f"trace-{index:04d}.safetensors"))
 
 

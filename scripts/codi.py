@@ -15,7 +15,7 @@ import gradio as gr  # noqa: E402
 from modules import script_callbacks, scripts  # noqa: E402
 
 from codi_webui import panel, preprocessors, sampling  # noqa: E402
-from codi_webui.plan import CURRENT, INFOTEXT_KEYS, MODE_CHOICES, PanelSettings  # noqa: E402
+from codi_webui.plan import INFOTEXT_KEYS, MODE_CHOICES, PanelSettings  # noqa: E402
 
 sampling.register()
 if not preprocessors.register_forge():
@@ -47,7 +47,7 @@ class CoDiScript(scripts.Script):
         return [enabled, steps, cfg, mode]
 
     def before_process(self, p, *args):
-        CURRENT.reset((int(p.height) // 8 * 8, int(p.width) // 8 * 8))
+        panel.inspect(p)
 
     def process(self, p, enabled=True, steps=0, cfg=0.0, mode="auto", *args):
         panel.run(p, PanelSettings(bool(enabled), int(steps or 0), float(cfg or 0.0), str(mode or "auto")))

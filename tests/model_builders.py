@@ -8,12 +8,13 @@ modules (already rounded to the storage dtype, so a correct loader reproduces th
 
 * :func:`build_micro_sd15` - SD1.5 layout that the real ComfyUI detects as SD15: UNet model_channels 320 / context 768
   with one level, full-size CLIP-L and full-size VAE (ComfyUI builds both with fixed sizes), stored in fp16.
+* :func:`build_micro_sd15_webui` - the micro SD1.5 plus the ``<stem>.yaml`` config AUTOMATIC1111 needs to load it.
 * :func:`build_small_sd2v` - SD2.x layout (linear projections, OpenCLIP ``cond_stage_model.model.*``), v-prediction.
 * :func:`build_small_sdxl` - SDXL layout (``label_emb`` addition embedding, two text encoders).
 * :func:`build_diffusers_folder` - a small SD1-like diffusers pipeline folder.
 
 Session fixtures (register with ``pytest_plugins = ["model_builders"]`` or import them): ``sd1_tokenizer_dir``,
-``micro_sd15``, ``small_sd2v``, ``small_sdxl``, ``sd_diffusers_folder``.
+``micro_sd15``, ``micro_sd15_webui``, ``small_sd2v``, ``small_sdxl``, ``sd_diffusers_folder``.
 """
 
 from __future__ import annotations
@@ -216,6 +217,82 @@ def build_micro_sd15(path, seed: int = 0, *, text_dtype: torch.dtype = torch.flo
     return BuiltCheckpoint(path, "sd1", unet, vae, [clip], {}, time.perf_counter() - start)
 
 
+# AUTOMATIC1111 builds SD1.x models from an ldm YAML config (its configs/v1-inference.yaml for every SD1.5 checkpoint)
+# and loads the weights with strict=False, so a smaller UNet needs its own config: a ``<checkpoint stem>.yaml`` beside
+# the checkpoint, which A1111 prefers over its own (modules/sd_models_config.find_checkpoint_config_near_filename).
+# Only unet_config differs from v1-inference.yaml; a wrong value there leaves weights silently uninitialised.
+SD15_LDM_YAML = """\
+model:
+  base_learning_rate: 1.0e-04
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: 64
+    channels: 4
+    cond_stage_trainable: false
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: 0.18215
+    use_ema: False
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 32
+        in_channels: 4
+        out_channels: 4
+        model_channels: {model_channels}
+        attention_resolutions: {attention_resolutions}
+        num_res_blocks: {num_res_blocks}
+        channel_mult: {channel_mult}
+        num_heads: {num_heads}
+        use_spatial_transformer: True
+        transformer_depth: 1
+        context_dim: 768
+        use_checkpoint: False
+        legacy: False
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 128
+          ch_mult: [1, 2, 4, 4]
+          num_res_blocks: 2
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+"""
+
+
+def build_micro_sd15_webui(path, seed: int = 0) -> BuiltCheckpoint:
+    """:func:`build_micro_sd15` plus ``<stem>.yaml`` beside it: the smallest SD1.5 both web UIs load (layer F).
+
+    Forge detects the micro UNet from its weights (``huggingface_guess``, like ComfyUI) and ignores the YAML;
+    AUTOMATIC1111 would build the full-size UNet of ``v1-inference.yaml`` and fail on the shapes, so the YAML gives it
+    the micro UNet (one level, 320 channels, one res block, attention depth 1, 8 heads). A1111 ControlNets
+    (Mikubill's fixed SD1.5 configs) need the full-size UNet: use :func:`build_full_sd15` for those."""
+    built = build_micro_sd15(path, seed)
+    yaml = SD15_LDM_YAML.format(model_channels=320, attention_resolutions="[1]", num_res_blocks=1,
+                                channel_mult="[1]", num_heads=8)
+    built.path.with_suffix(".yaml").write_text(yaml, encoding="utf-8")
+    return built
+
+
 def build_full_sd15(path, seed: int = 0, *, dtype: torch.dtype = torch.float16) -> BuiltCheckpoint:
     """Full-size SD1.5 architecture (UNet 859.5M, CLIP-L, VAE) with random weights, stored in ``dtype`` (for
     benchmarks: memory and speed do not depend on the weights' values)."""
@@ -348,6 +425,12 @@ def sd1_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def micro_sd15(tmp_path_factory) -> BuiltCheckpoint:
     return build_micro_sd15(tmp_path_factory.mktemp("ckpt") / "micro_sd15.safetensors")
+
+
+@pytest.fixture(scope="session")
+def micro_sd15_webui(tmp_path_factory) -> BuiltCheckpoint:
+    """The micro SD1.5 with its A1111 config beside it (``micro_sd15_webui.yaml``), for both web UIs."""
+    return build_micro_sd15_webui(tmp_path_factory.mktemp("ckpt") / "micro_sd15_webui.safetensors")
 
 
 @pytest.fixture(scope="session")

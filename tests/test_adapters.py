@@ -217,6 +217,24 @@ def test_control_lora_on_sdxl_layout_unet():
     assert torch.equal(run(fresh_unet, fresh, inputs), trained)
 
 
+def test_control_lora_file_carries_the_base_biases_and_norms():
+    """sd-webui-controlnet (A1111) builds a Control-LoRA's encoder from the file alone, as Stability's files allow:
+    the file carries every bias and normalisation tensor of the encoder in full (the base's values), and the SD1.5
+    marker key it tells SD1.5 from SDXL by (12 input blocks vs 9)."""
+    unet = make_unet()
+    adapter = build_adapter(unet, "control-lora", network_dim=4)
+    exported = adapter.export_state_dict()
+    frozen = adapter.frozen_encoder_tensors()
+    assert frozen and all(name.endswith((".bias", ".weight")) for name in frozen)
+    assert torch.equal(frozen["mid_block.resnets.0.norm1.weight"], unet.mid_block.resnets[0].norm1.weight)
+    assert torch.equal(frozen["down_blocks.0.resnets.0.conv1.bias"], unet.down_blocks[0].resnets[0].conv1.bias)
+    assert "down_blocks.0.resnets.0.conv1.weight" not in frozen  # a LoRA covers it: the UNet's weight + up @ down
+    assert {"middle_block.0.in_layers.0.weight", "input_blocks.1.0.in_layers.2.bias", "time_embed.0.bias"} \
+        <= set(exported)
+    fresh = build_adapter(make_unet(), "control-lora", network_dim=4)
+    fresh.load_exported(exported)  # the frozen tensors are accepted (the encoder shares the model's own)
+
+
 def test_control_lora_shares_the_base_weights():
     """The encoder copy holds the UNet's own tensors: only trainable tensors add storage."""
     unet = make_unet()

@@ -207,3 +207,19 @@ def test_zero_terminal_snr_adapter_needs_the_uis_ztsnr_schedule(monkeypatch):
     ztsnr = ModelWrap(cs.NoiseSchedule.stable_diffusion())
     ztsnr.sigmas[-1] = 4.5e3  # what A1111's Zero Terminal SNR option makes of the last sigma
     sampling.check_schedule(planning.CURRENT.plan, ztsnr)
+
+
+def test_img2img_keeps_the_tail_of_the_grid(monkeypatch):
+    """The UI hands an img2img sampler ``init + sigma xi`` on its own slice of the schedule; CoDi keeps the last
+    round(strength * steps) grid timesteps and rebuilds the start from the same noise."""
+    wrap = ModelWrap(cs.NoiseSchedule.stable_diffusion())
+    meta = CoDiMetadata(distill_grid=50, recommended_steps=4)
+    monkeypatch.setattr(planning.CURRENT, "plan", planning.CoDiPlan(None, 4, 1.0, "ode", meta))
+    monkeypatch.setattr(planning.CURRENT, "errors", [])
+    init, xi = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    ui_sigmas = sampling.codi_scheduler(4, None, None, wrap, "cpu")[1:]  # the UI's int(0.5 * 4) + 1 = 3 steps
+    model = types.SimpleNamespace(init_latent=init, inner_model=wrap)
+    p = types.SimpleNamespace(init_images=[object()], denoising_strength=0.5, steps=4)
+    x, sigmas = sampling.img2img_schedule(model, init + ui_sigmas[0] * xi, ui_sigmas, planning.CURRENT.plan, p)
+    assert sampling.timesteps_of(wrap, sigmas[:-1]).long().tolist() == [460, 200]
+    assert torch.allclose(x, init + sigmas[0] * xi, atol=1e-5)

@@ -24,6 +24,8 @@ under ``torch.autocast`` when the base is half precision).
 
 from __future__ import annotations
 
+import re
+
 import weakref
 
 import torch
@@ -314,8 +316,9 @@ class ControlLoraAdapter(Adapter):
 
     def export_state_dict(self, weights=None, layout=None):
         """Control-LoRA layout: ``lora_controlnet`` marker, ``<ldm layer>.down`` / ``.up`` (up pre-multiplied by
-        alpha/rank), full ``input_hint_block.*``, ``zero_convs.*``, ``middle_block_out.*``. It is the only layout a
-        Control-LoRA has; ``layout`` (the controlnet's ldm/diffusers choice) is accepted and ignored."""
+        alpha/rank), full ``input_hint_block.*``, ``zero_convs.*``, ``middle_block_out.*``, and the encoder copy's
+        biases and normalisation parameters as they are in the base (:meth:`frozen_encoder_tensors`). It is the only
+        layout a Control-LoRA has; ``layout`` (the controlnet's ldm/diffusers choice) is accepted and ignored."""
         tensors = self._tensors(weights)
         table = self.ldm_table()
         out = {CONTROL_LORA_MARKER: torch.tensor([])}
@@ -324,7 +327,24 @@ class ControlLoraAdapter(Adapter):
             out[f"{ldm}.down"] = tensors.pop(f"{path}.lora_down.weight")
             out[f"{ldm}.up"] = tensors.pop(f"{path}.lora_up.weight") * w.scale
         out.update(ldm_keys.rename_state_dict(tensors, table))
+        out.update(ldm_keys.rename_state_dict(self.frozen_encoder_tensors(), table))
         return out
+
+    def frozen_encoder_tensors(self) -> dict[str, torch.Tensor]:
+        """The encoder copy's tensors that no LoRA covers -- biases and normalisation weights -- by diffusers path,
+        as float32 CPU copies of the base's values. Stability's Control-LoRA files carry them and
+        sd-webui-controlnet (A1111) builds the encoder from the file alone: without them its layers would have no
+        bias and default norms (and it tells SD1.5 from SDXL by ``input_blocks.11.0.in_layers.0.weight``). ComfyUI
+        and Forge take the same values from the model."""
+        return {name: param.detach().to("cpu", torch.float32).contiguous().clone()
+                for name, param in self._frozen_encoder_parameters()}
+
+    def _frozen_encoder_parameters(self):
+        covered = {f"{path}.weight" for path in self.lora_layers}
+        for name, param in self.controlnet.named_parameters():
+            plain = re.sub(r"\.base(?=\.)", "", name)  # through (stacked) LoRA wrappers to the layer's own name
+            if _under(plain, ENCODER_PREFIXES) and ".lora_" not in plain and plain not in covered:
+                yield plain, param
 
     def load_exported(self, tensors):
         """Inverse of :meth:`export_state_dict` (divides alpha/rank back out of ``up``; bit-exact when alpha/rank is
@@ -351,6 +371,9 @@ class ControlLoraAdapter(Adapter):
                     named[ldm_keys.rename(key, inverse)] = value
                 except ValueError:
                     raise AdapterFileError(f"Control-LoRA key {key!r} names no tensor of this adapter") from None
+        # the base's biases and norms (see frozen_encoder_tensors): the encoder copy shares them with the UNet here
+        frozen = {name for name, _ in self._frozen_encoder_parameters()}
+        named = {k: v for k, v in named.items() if k not in frozen}
         _load_into(dict(self.trainable_named_parameters()), named, "Control-LoRA file")
 
 
