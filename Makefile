@@ -30,8 +30,8 @@ COMFY_STAMP := $(VENV)/.stamp-comfyui-$(REQ_HASH)-$(COMFY_DIR_HASH)
 
 # The web UIs (layer F): prepare_webui.py keeps its own stamp (a hash of the archives, pins and Python) in each folder
 # and returns at once when it matches, so the target always runs it.
-CODI_FORGE_DIR ?= $(CURDIR)/.cache/forge
-CODI_A1111_DIR ?= $(CURDIR)/.cache/a1111
+CODI_FORGE_DIR ?= $(CURDIR)/webui-build/forge
+CODI_A1111_DIR ?= $(CURDIR)/webui-build/a1111
 export CODI_FORGE_DIR CODI_A1111_DIR
 
 .PHONY: venv comfyui webui lint test demo clean distclean
@@ -70,7 +70,7 @@ demo: venv
 	$(VPY) benchmarks/mini/demo.py
 
 clean:
-	rm -rf .cache .pytest_cache test-artifacts outputs
+	rm -rf .cache webui-build .pytest_cache test-artifacts outputs
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

@@ -14,7 +14,7 @@ import logging
 from ccd_sampler.adapter_info import CoDiInfo, read_codi_info
 
 from . import controlnet
-from .plan import CURRENT, CoDiPlan, CoDiWebUIError, PanelSettings, make_plan
+from .plan import CURRENT, CoDiPlan, CoDiWebUIError, PanelSettings, make_plan, missing_unet_lora
 
 logger = logging.getLogger("codi")
 
@@ -102,3 +102,6 @@ def run(p, panel: PanelSettings) -> None:
     CURRENT.plan = plan
     if plan is not None:
         apply_plan(p, plan)
+        warning = missing_unet_lora(plan, str(getattr(p, "prompt", "")))
+        if warning:
+            logger.warning("%s", warning)

@@ -75,6 +75,21 @@ class CoDiPlan:
         return {INFOTEXT_KEYS[k]: v for k, v in values.items()}
 
 
+def missing_unet_lora(plan: CoDiPlan | None, prompt: str) -> str | None:
+    """A warning when the adapter was trained with a UNet LoRA (``codi.unet_lora``) that the prompt does not load.
+
+    The trainer writes that LoRA beside the adapter as ``<adapter>_unet_lora.safetensors`` in kohya's format; the
+    web UIs load it from ``models/Lora`` through the prompt (``<lora:<adapter>_unet_lora:1>``). Without it the
+    adapter still runs, but not as it was distilled."""
+    if plan is None or plan.adapter is None or not plan.metadata.unet_lora:
+        return None
+    lora = plan.adapter.name.split(" [")[0] + "_unet_lora"
+    if f"<lora:{lora}:" in prompt:
+        return None
+    return (f"CoDi: adapter {plan.adapter.name} was distilled together with a UNet LoRA: put {lora}.safetensors in "
+            f"models/Lora and add <lora:{lora}:1> to the prompt, or the result will not be what it was trained for")
+
+
 def default_plan(steps: int, cfg: float, mode: str) -> CoDiPlan:
     """A CoDi sampler picked without a CoDi adapter: the default sampler facts."""
     return CoDiPlan(adapter=None, steps=steps, cfg=cfg, mode=mode)

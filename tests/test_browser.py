@@ -33,11 +33,9 @@ loads the default workflow; the test waits for ``window.app``, the ``#graph-canv
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -46,42 +44,18 @@ from PIL import Image
 from workflow_env import NAMES, OUTPUT_NODE, SIZE, load_api, load_ui
 
 from harness import REPO_ROOT, comfy_server
+from harness.browser import browser_skip_reason, chromium_context
 
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
 SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
 VIEWPORT = {"width": 1600, "height": 900}
-# Flags that work on these machines (root, no GPU, closed network: without the background-networking flags Chromium
-# keeps trying to reach Google's hosts); a fresh --user-data-dir comes from launch_persistent_context.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 FAKE_TYPE = "CoDiDoesNotExist"
 MISSING_NODES_TITLE = "This workflow has missing nodes"  # the 1.32.9 dialog's title (missingNodes.oss.title)
 TIMEOUT_MS = 120_000  # generous: other test processes may share the 2 cores
 
 
-def _chromium() -> str | None:
-    env = os.environ.get("CODI_CHROMIUM")
-    if env:
-        return env if Path(env).is_file() else None
-    if Path("/usr/bin/chromium").is_file():
-        return "/usr/bin/chromium"
-    return shutil.which("chromium")
-
-
-def _skip_reason() -> str | None:
-    if _chromium() is None:
-        return ("layer D browser test skipped: Chromium not found (/usr/bin/chromium, `chromium` on PATH or "
-                "$CODI_CHROMIUM); on Debian: apt-get install -y chromium (.ci/run does this)")
-    if importlib.util.find_spec("playwright") is None:
-        return ("layer D browser test skipped: the Python package `playwright` is missing "
-                "(pip install -r requirements-dev.txt)")
-    return None
-
-
-_reason = _skip_reason()
+_reason = browser_skip_reason("layer D")
 if _reason is not None:
-    if os.environ.get("CODI_REQUIRE_BROWSER") == "1":
-        raise RuntimeError(f"{_reason} -- but CODI_REQUIRE_BROWSER=1 (CI) says the browser test must run")
     pytest.skip(_reason, allow_module_level=True)
 
 
@@ -101,13 +75,9 @@ def server(wf_base):
 
 @pytest.fixture(scope="module")
 def page(server):
-    from playwright.sync_api import sync_playwright
-
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     console: list[str] = []
-    with sync_playwright() as pw, tempfile.TemporaryDirectory(prefix="codi-chromium-") as user_data:
-        context = pw.chromium.launch_persistent_context(
-            user_data, executable_path=_chromium(), headless=True, args=CHROMIUM_FLAGS, viewport=VIEWPORT)
+    with chromium_context(VIEWPORT) as context:
         try:
             context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
             pg = context.pages[0] if context.pages else context.new_page()
@@ -124,7 +94,6 @@ def page(server):
             yield pg
         finally:
             (ARTIFACTS / "console.log").write_text("\n".join(console) + "\n", encoding="utf-8")
-            context.close()
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

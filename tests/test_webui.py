@@ -19,14 +19,23 @@ Checked:
   checkpoint, adapter, hint, text conditioning and starting noise (tolerance stated in the test);
 * a pasted CoDi infotext (the API's ``infotext`` field) restores the panel;
 * bad inputs -- an SDXL adapter on an SD1.5 checkpoint, a corrupt adapter file, 12 steps -- are refused with the
-  reason (HTTP 400, the message in ``errors``/``detail``) and the server keeps serving.
+  reason (HTTP 400, the message in ``errors``/``detail``) and the server keeps serving;
+* the Gradio page in headless Chromium (both servers also serve it): the CoDi panel is there; a user pastes a shared
+  CoDi infotext into the prompt box and presses the paste button (sampler, steps, size and the panel's mode are
+  restored), drops a low-resolution photo into ControlNet unit 0, enables it, picks the ``codi_sr`` preprocessor and
+  model, and presses Generate: the result appears in the gallery with the CoDi infotext, and the trace shows the
+  adapter's grid. Screenshots go to ``test-artifacts/webui/``, and with ``CODI_UPDATE_SCREENSHOTS=1`` also to
+  ``docs/screenshots/`` (the README's pictures).
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +45,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import ccd_sampler as cs
+from harness import REPO_ROOT
+from harness.browser import browser_skip_reason, chromium_context
 from harness.webui import WebUINotPrepared, WebUIServer, require_webui
 
 SIZE = 64
@@ -56,7 +67,8 @@ def _b64(array: np.ndarray) -> str:
 
 def write_adapters(unet, folder: Path, architecture: str = "stable-diffusion-v1") -> dict[str, Path]:
     """CoDi adapters for ``unet``: ``codi_sr`` (ldm ControlNet, 2 steps, ode, SR 4x), ``codi_lora`` (Control-LoRA,
-    1 step, consistency), ``codi_sdxl`` (the SR adapter labelled SDXL) and ``codi_corrupt`` (random bytes)."""
+    1 step, consistency), ``codi_sdxl`` (the SR adapter labelled SDXL), ``codi_sr_x4`` (a link to ``codi_sr``: the
+    name in the shared payloads) and ``codi_corrupt`` (random bytes)."""
     from trainer.adapters.controlnet import build_adapter
     from trainer.adapters.files import build_metadata, save_adapter
 
@@ -78,6 +90,8 @@ def write_adapters(unet, folder: Path, architecture: str = "stable-diffusion-v1"
             meta = build_metadata(base_architecture=arch, adapter_type=adapter_type, title=file_name, codi=codi)
             paths[file_name] = folder / f"{file_name}.safetensors"
             save_adapter(paths[file_name], tensors, meta, dtype=torch.float16)
+    paths["codi_sr_x4"] = folder / "codi_sr_x4.safetensors"  # the name the shared payloads use
+    paths["codi_sr_x4"].symlink_to(paths["codi_sr"].name)
     paths["codi_corrupt"] = folder / "codi_corrupt.safetensors"
     paths["codi_corrupt"].write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
     return paths
@@ -140,7 +154,7 @@ def forge(micro_sd15_webui, tmp_path_factory):
 def serve(kind: str, checkpoint: Path, adapters: dict[str, Path], root: Path):
     """A running ``kind`` UI with ``adapters`` as its ControlNet models and the CoDi trace switched on."""
     traces = Traces(root / "traces")
-    with WebUIServer(kind, checkpoint, controlnets=adapters.values(), data_dir=root / "data",
+    with WebUIServer(kind, checkpoint, controlnets=adapters.values(), data_dir=root / "data", webui=True,
                      env={"CODI_WEBUI_TRACE": str(traces.folder)}) as ui:
         ui.traces, ui.adapters = traces, adapters
         yield ui
@@ -320,3 +334,128 @@ def test_a1111_img2img_and_a_refusal(a1111):
     img2img_runs_the_grid_tail(a1111)
     status, body = a1111.post("/sdapi/v1/txt2img", txt2img([unit(a1111, "codi_sdxl", "codi_sr", _photo(LOW))]))
     assert status == 400 and "was made for SDXL" in body["errors"], body
+
+
+# ------------------------------------------------------------------------------------------------ the pages
+
+SHARED_INFOTEXT = ("a photo\nSteps: 2, Sampler: CoDi ODE, Schedule type: CoDi, CFG scale: 1.0, Seed: 3, "
+                   f"Size: {SIZE}x{SIZE}, CoDi mode: ode")
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "webui"
+SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
+PAGE_TIMEOUT_MS = 180_000  # the 2 cores may be shared with other test processes
+page_test = pytest.mark.skipif(browser_skip_reason("layer F") is not None,
+                               reason=str(browser_skip_reason("layer F")))
+
+
+def choose(pg, dropdown: str, value: str) -> None:
+    """Pick ``value`` in a Gradio dropdown as a user does: click it, type, Enter (Gradio 3 and 4 alike)."""
+    box = pg.locator(f"{dropdown} input").first
+    box.click()
+    box.fill(value)
+    pg.wait_for_timeout(300)
+    box.press("Enter")
+    pg.wait_for_timeout(300)
+
+
+def generate_from_the_page(ui: WebUIServer, photo: Path) -> tuple[str, str]:
+    """The user's steps in txt2img (module docstring); returns the infotext under the result and the panel's mode
+    after the paste. Screenshots: ``test-artifacts/webui/<kind>.png`` (full page) and ``<kind>_top.png``."""
+    unit0 = "#txt2img_controlnet_ControlNet-0"
+    with chromium_context({"width": 1600, "height": 1000}) as context:
+        pg = context.pages[0] if context.pages else context.new_page()
+        pg.set_default_timeout(PAGE_TIMEOUT_MS)
+        pg.goto(ui.url + "/")
+        pg.locator("#txt2img_generate").wait_for(state="visible")
+        assert pg.locator("#script_txt2img_codi_accordion").count() == 1, "the CoDi panel is missing from txt2img"
+        assert pg.locator("#script_img2img_codi_accordion").count() == 1, "the CoDi panel is missing from img2img"
+
+        pg.fill("#txt2img_prompt textarea", SHARED_INFOTEXT)
+        pg.locator("#tab_txt2img #paste").click()
+        pg.wait_for_function("() => document.querySelector('#txt2img_steps input[type=number]').value === '2'")
+        pg.click("#script_txt2img_codi_accordion .label-wrap")
+        pg.click("#txt2img_controlnet .label-wrap")
+        if not pg.locator(f"{unit0}_controlnet_enable_checkbox").is_visible():  # Forge folds each unit
+            pg.locator("#txt2img_controlnet").get_by_role("button", name="ControlNet Unit 0").first.click()
+        pg.locator(f"{unit0}_input_image input[type=file]").first.set_input_files(str(photo))
+        enable = pg.locator(f"{unit0}_controlnet_enable_checkbox input")
+        if not enable.is_checked():  # both UIs enable a unit when an image is dropped in; a user checks it if not
+            enable.check()
+        choose(pg, f"{unit0}_controlnet_preprocessor_dropdown", "codi_sr")
+        choose(pg, f"{unit0}_controlnet_model_dropdown", "codi_sr")
+        mode = pg.locator("#script_txt2img_codi_mode input").first.input_value()
+
+        before = ui.traces.count()
+        pg.click("#txt2img_generate")
+        pg.locator("#txt2img_gallery img").first.wait_for(state="visible")
+        info = pg.locator("#html_info_txt2img").first
+        pg.wait_for_function("(el) => el.innerText.includes('Steps:')", arg=info.element_handle())
+        text = info.inner_text()
+        pg.wait_for_timeout(1500)  # the progress bar fades out
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        pg.screenshot(path=str(ARTIFACTS / f"{ui.kind}.png"), full_page=True)
+        pg.screenshot(path=str(ARTIFACTS / f"{ui.kind}_top.png"), full_page=True,
+                      clip={"x": 0, "y": 0, "width": 1600, "height": 1500})
+        assert ui.traces.count() == before + 1, f"no CoDi sampling ran for the page's generation\n{ui.log_tail(4000)}"
+    if os.environ.get("CODI_UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ARTIFACTS / f"{ui.kind}_top.png", SCREENSHOTS / f"webui_{ui.kind}.png")
+    return text, mode
+
+
+@page_test
+@pytest.mark.parametrize("kind", ["forge", "a1111"])
+def test_generation_from_the_page(kind, request, tmp_path):
+    ui = request.getfixturevalue(kind)
+    photo = tmp_path / "low.png"
+    Image.fromarray(_photo(LOW)).save(photo)
+    text, mode = generate_from_the_page(ui, photo)
+    assert mode == "ode", f"the pasted infotext did not set the CoDi panel's mode (it shows {mode!r})"
+    for part in ("Sampler: CoDi ODE", "Steps: 2", "Schedule type: CoDi", "CoDi adapter: codi_sr", "ControlNet 0:",
+                 "Module: codi_sr"):
+        assert part in text, text
+    assert ui.traces.last()["timesteps"].long().tolist() == [980, 480]
+
+
+# ------------------------------------------------------------------------------------------------ shared payloads
+
+PAYLOADS = REPO_ROOT / "workflows" / "webui"
+
+
+def load_send():
+    spec = importlib.util.spec_from_file_location("codi_send", PAYLOADS / "send.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["forge", "a1111"])
+@pytest.mark.parametrize("payload, timesteps", [("txt2img_codi_sr_x4.json", [980, 480]),
+                                                ("img2img_codi_sr_x4.json", [480])])
+def test_shared_payloads_run_as_shipped(kind, payload, timesteps, request, tmp_path, capsys):
+    """``workflows/webui/send.py`` fills each payload's placeholders and sends it (only the size is made small for
+    the CPU): an image comes back, sampled with the adapter's settings."""
+    ui = request.getfixturevalue(kind)
+    Image.fromarray(_photo(LOW)).save(tmp_path / "low.png")
+    Image.fromarray(_photo(SIZE)).save(tmp_path / "init.png")
+    before = ui.traces.count()
+    code = load_send().main([str(PAYLOADS / payload), "--url", ui.url, "--image", str(tmp_path / "low.png"),
+                             "--init", str(tmp_path / "init.png"), "--width", str(SIZE), "--height", str(SIZE),
+                             "--out", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert code == 0, f"{out.err}\n{ui.log_tail(4000)}"
+    assert (tmp_path / "out" / f"{Path(payload).stem}_0.png").is_file() and "CoDi adapter: codi_sr_x4" in out.out
+    assert ui.traces.count() == before + 1 and ui.traces.last()["timesteps"].long().tolist() == timesteps
+
+
+def test_send_reports_a_refusal_in_one_line(forge, tmp_path, capsys):
+    payload = json.loads((PAYLOADS / "txt2img_codi_sr_x4.json").read_text())
+    payload["alwayson_scripts"]["controlnet"]["args"][0]["model"] = "codi_sdxl"
+    (tmp_path / "sdxl.json").write_text(json.dumps(payload))
+    Image.fromarray(_photo(LOW)).save(tmp_path / "low.png")
+    send = load_send()
+    code = send.main([str(tmp_path / "sdxl.json"), "--url", forge.url, "--image", str(tmp_path / "low.png"),
+                      "--width", str(SIZE), "--height", str(SIZE), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "HTTP 400" in err and "was made for SDXL" in err and "Traceback" not in err, err
+    assert send.main([str(PAYLOADS / "txt2img_codi_sr_x4.json"), "--url", forge.url]) == 1
+    assert "needs an image: pass --image" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from ccd_sampler.metadata import CoDiMetadata
 from codi_webui import plan as planning
 from codi_webui import preprocessors, sampling
 from codi_webui.controlnet import model_file
-from codi_webui.plan import CoDiWebUIError, PanelSettings, make_plan
+from codi_webui.plan import CoDiWebUIError, PanelSettings, make_plan, missing_unet_lora
 
 SD1 = "stable-diffusion-v1/codi-controlnet"
 
@@ -43,6 +43,14 @@ def test_adapter_settings_are_applied_unless_overridden():
                                "CoDi mode": "consistency", "CoDi grid": 40, "CoDi boundary": "on"}
     plan = plan_for([adapter()], PanelSettings(steps=4, cfg=2.0, mode="ode"))
     assert (plan.steps, plan.cfg, plan.sampler_name) == (4, 2.0, "CoDi ODE")
+
+
+def test_an_adapter_trained_with_a_unet_lora_asks_for_it_in_the_prompt():
+    plan = plan_for([adapter(name="codi_sr [1a2b3c4d]", unet_lora=True)])
+    warning = missing_unet_lora(plan, "a photo")
+    assert "<lora:codi_sr_unet_lora:1>" in warning and "models/Lora" in warning
+    assert missing_unet_lora(plan, "a photo <lora:codi_sr_unet_lora:0.8>") is None
+    assert missing_unet_lora(plan_for([adapter()]), "a photo") is None
 
 
 def test_generations_without_codi_are_left_alone():

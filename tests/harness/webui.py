@@ -2,7 +2,8 @@
 on the CPU, with this repository installed as the extension ``extensions/codi``.
 
 ``make webui`` prepares each UI in its own folder (``prepare_webui.py``: sources, ``venv``, offline files; default
-``.cache/forge`` and ``.cache/a1111``, or ``$CODI_FORGE_DIR`` / ``$CODI_A1111_DIR``). A test then starts a server::
+``webui-build/forge`` and ``webui-build/a1111``, or ``$CODI_FORGE_DIR`` / ``$CODI_A1111_DIR``). A test then starts a
+server::
 
     with WebUIServer("forge", checkpoint, data_dir=tmp) as ui:     # launch.py ... --api --nowebui --port <free>
         status, body = ui.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "width": 64, "height": 64})
@@ -67,13 +68,17 @@ class WebUINotPrepared(RuntimeError):
     pass
 
 
+STARTED_LINE = "Startup time:"
+
+
 def webui_dir(kind: str) -> Path:
     """The folder ``make webui`` prepares for ``kind``: ``$CODI_FORGE_DIR`` / ``$CODI_A1111_DIR`` or
-    ``<repo>/.cache/<kind>`` (not checked)."""
+    ``<repo>/webui-build/<kind>`` (not checked). Not under ``.cache/`` like ComfyUI: A1111's Gradio 3 refuses to
+    serve any file whose path has a folder starting with a dot, so its page would load without its scripts."""
     if kind not in KINDS:
         raise ValueError(f"unknown web UI {kind!r}: one of {', '.join(KINDS)}")
     env = os.environ.get(DIR_VARIABLES[kind])
-    return Path(env).expanduser().resolve() if env else REPO_ROOT / ".cache" / kind
+    return Path(env).expanduser().resolve() if env else REPO_ROOT / "webui-build" / kind
 
 
 def require_webui(kind: str) -> Path:
@@ -102,7 +107,7 @@ def server_env(ui_dir: Path, extra: dict[str, str] | None = None) -> dict[str, s
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "GRADIO_ANALYTICS_ENABLED": "False", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1",
                 "HF_HOME": str(ui_dir / HF_HOME), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-                # the UI folder sits in our checkout (.cache/): without a ceiling `git rev-parse` in the UI folder
+                # the UI folder sits in our checkout (webui-build/): without a ceiling `git rev-parse` in the UI folder
                 # reports *our* commit as the UI's. Extensions' own repositories are opened directly, not searched.
                 "GIT_CEILING_DIRECTORIES": str(ui_dir.parent)})
     if extra:
@@ -197,7 +202,10 @@ class WebUIServer:
 
     def command(self) -> list[str]:
         return [str(venv_python(self.ui_dir)), "launch.py", *KIND_FLAGS[self.kind], "--api",
-                *([] if self.webui else ["--nowebui"]), "--port", str(self.port), "--server-name", "127.0.0.1",
+                # the page's own scripts and styles live in the UI folder, which Gradio serves only from allowed
+                # paths (by default just the --data-dir, which is the UI folder in a normal install)
+                *(["--gradio-allowed-path", str(self.ui_dir)] if self.webui else ["--nowebui"]),
+                "--port", str(self.port), "--server-name", "127.0.0.1",
                 "--data-dir", str(self.data_dir), *self.extra_args]
 
     def start(self) -> WebUIServer:
@@ -222,7 +230,10 @@ class WebUIServer:
                 raise AssertionError(f"{NAMES[self.kind]} exited with {self.process.returncode} during start-up; "
                                      f"log {self.log_path}:\n{self.log_tail()}")
             status, _ = self.get(READY_PATH, timeout=10, quiet=True)
-            if status == 200 and (not self.webui or self.get_text("/", timeout=10)[0] == 200):
+            # with the page the UIs serve requests before their extensions' app_started callbacks have added
+            # their routes (/controlnet/*); both print the startup time after those callbacks
+            if (status == 200 and (not self.webui or self.get_text("/", timeout=10)[0] == 200)
+                    and STARTED_LINE in self.log_text()):
                 return
             if time.monotonic() > deadline:
                 raise AssertionError(f"{NAMES[self.kind]} did not answer {READY_PATH} within {self.start_timeout:.0f}"
