@@ -46,19 +46,25 @@ def test_demo_trains_reports_resumes_and_skips(tmp_path, monkeypatch, capsys):
         metadata = fh.metadata()
         assert "input_hint_block.0.weight" in fh.keys()
     assert metadata["codi.task"] == "sr" and metadata["ss_steps"] == "2"
-    assert metadata["modelspec.architecture"] == "codi-mini-pixel-v1/codi-controlnet"
+    assert metadata["modelspec.architecture"] == "codi-mini-pixel-v2/codi-controlnet"
+    assert metadata["codi.zero_terminal_snr"] == "true"
     assert not list(out.glob(f"{demo.OUTPUT_NAME}-step*")) and not list(out.glob("*-last-good*"))
 
     grid = Image.open(out / "grid.png")
-    # 6 columns (low-res | bicubic | CoDi 1, 2, 4 | ground truth) of 128-px cells (64 px x2) with 2-px gaps;
-    # a 16-px header over 2 rows
-    assert grid.size == (6 * 128 + 5 * 2, 16 + 2 * 128 + 2)
+    # 7 columns (low-res | bicubic | CoDi 1, 2, 4 | CoDi 4 bicubic start | ground truth) of 128-px cells (64 px x2)
+    # with 2-px gaps; a 16-px header over 2 rows
+    assert grid.size == (7 * 128 + 6 * 2, 16 + 2 * 128 + 2)
     assert Image.open(out / "quality_vs_steps.png").size[0] > 200
     assert (out / "report.md").read_text().count("low-res input | bicubic | CoDi 1 step") == 1
     metrics = json.loads((out / "metrics.json").read_text())
     psnr = {row["method"]: row["psnr"] for row in metrics["rows"]}
-    assert set(psnr) == {"bicubic", "CoDi 1 step", "CoDi 2 steps", "CoDi 4 steps"}
+    start = "CoDi 4, bicubic start 0.5"
+    assert set(psnr) == {"bicubic", "CoDi 1 step", "CoDi 2 steps", "CoDi 4 steps", start}
     assert all(math.isfinite(v) and v > 0 for v in psnr.values())
+    assert next(r for r in metrics["rows"] if r["method"] == start)["timesteps"] == [460, 200]
+    scores = metrics["settings"]["fd_patch_and_colour"]
+    assert set(scores) == set(psnr) and all(math.isfinite(v["fd_patch"]) for v in scores.values())
+    assert f"| {start} |" in (out / "report.md").read_text() and "FD-patch" in printed
     assert metrics["settings"]["demo"]["resumed_from"] == f"{demo.OUTPUT_NAME}-step00000001-state"
     assert metrics["pairs"] == ["00000", "00001"]
 

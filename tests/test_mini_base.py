@@ -138,8 +138,8 @@ def test_trainer_distills_an_sr_adapter_from_the_bundle(bundle, photos64, tmp_pa
                        "--task", "sr", "--sr_scale", "4", "--resolution", "64", "--validation_split", "0.25",
                        "--max_train_steps", "2", "--train_batch_size", "2", "--adapter_type", "controlnet",
                        "--cache_latents", "--quality_report", "--quality_report_steps", "1,2",
-                       "--quality_reference_steps", "2", "--output_dir", str(out), "--output_name", "sr",
-                       "--save_precision", "float", "--seed", "5"])
+                       "--quality_reference_steps", "2", "--quality_hint_start", "0.5", "--output_dir", str(out),
+                       "--output_name", "sr", "--save_precision", "float", "--seed", "5"])
     assert code == 0
     with safe_open(str(out / "sr.safetensors"), "pt") as fh:
         metadata = fh.metadata()
@@ -148,8 +148,21 @@ def test_trainer_distills_an_sr_adapter_from_the_bundle(bundle, photos64, tmp_pa
     assert metadata["codi.task"] == "sr" and metadata["ss_steps"] == "2"
     report = (out / "sr-report" / "report.md").read_text()
     assert "CoDi 1 step" in report and "DDIM 2 steps" in report and "bicubic" in report
+    assert "| CoDi 2, bicubic start 0.5 |" in report
     metrics = json.loads((out / "sr-report" / "metrics.json").read_text())
     assert metrics
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "sr", "--quality_hint_start", "1.5"], "--quality_hint_start takes strengths in (0, 1]"),
+    (["--task", "sr", "--quality_hint_start", "half"], "--quality_hint_start takes strengths in (0, 1]"),
+    (["--task", "inpaint", "--quality_hint_start", "0.5"], "it needs --task sr")])
+def test_quality_hint_start_flag_is_checked(flags, message, capsys):
+    from trainer.training.config import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_model_name_or_path", "model.safetensors", *flags])
+    assert message in capsys.readouterr().err
 
 
 def test_pretraining_resumes_exactly(tmp_path):

@@ -19,37 +19,64 @@ TINY = ["--steps", "2", "--batch_size", "2", "--save_every", "1", "--train_crops
         "--jobs", "2", "--threads", "1", "--eval_batch", "2", "--tasks", "sr"]
 
 
-def test_run_table_shares_one_budget_and_orders_dependencies():
-    runs = repro.run_table(["sr", "inpaint"])
+def test_run_table_shares_one_budget_seeds_the_headline_rows_and_orders_dependencies():
+    runs = repro.run_table(["sr", "inpaint", "gray"])
     names = [r["name"] for r in runs]
-    assert len(names) == len(set(names)) == 11
+    assert len(names) == len(set(names))
     for run in runs:
         if run.get("needs"):
             assert names.index(run["needs"]) < names.index(run["name"])
+            assert run["needs"] == repro.run_name(run["task"], "controlnet", run["seed"])
         # only the method's own flags differ: budget, adapter and optimiser come from COMMON / the CLI
         assert not {"--max_train_steps", "--train_batch_size", "--learning_rate", "--adapter_type"} & set(run["flags"])
-    plans = repro.sampling_plans("sr")
-    main = [p for p in plans if p.get("table", "main") == "main"]
-    assert [p["steps"] for p in main if p["run"] == "sr_controlnet"] == [50, 8, 4, 2, 1]
-    assert all(p["run"] is None or p["run"] in names for p in plans)
+    seeds = {(r["task"], r["method"]): sorted(x["seed"] for x in runs if (x["task"], x["method"]) ==
+                                              (r["task"], r["method"])) for r in runs}
+    assert seeds[("sr", "pe_codi")] == seeds[("sr", "controlnet")] == seeds[("inpaint", "pe_codi")] == [0, 1, 2]
+    assert len([r for r in runs if r["method"] == "ablation"]) == len(repro.ABLATIONS)
+    plans = repro.sampling_plans("sr", runs)
+    main = [p for p in plans if p["table"] == "main"]
+    assert [p["steps"] for p in main if p["run"] == "sr_controlnet_seed0"] == [50, 8, 4, 2, 1]
+    assert [p["steps"] for p in main if p["run"] == "sr_controlnet_seed1"] == [50, 4]
+    assert {p["start"] for p in plans if p["table"] == "supplementary"} == {1.0, 0.5}
+    quick = repro.run_table(["sr"], quick=True)
+    assert {r["method"] for r in quick} == {"controlnet", "pe_codi", "codi_lora", "two_stage"}
+    assert {r["seed"] for r in quick} == {0}
+
+
+def test_verdicts_take_the_seed_spread_into_account():
+    def entry(method, steps, psnrs, fds):
+        return {"method": method, "steps": steps, "table": "main",
+                "psnr": (repro.mean(psnrs), repro.std(psnrs), len(psnrs), psnrs),
+                "fd_patch": (repro.mean(fds), repro.std(fds), len(fds), fds)}
+
+    entries = [entry("ControlNet (DDIM)", 50, [20.0, 20.4, 19.6], [10, 11, 12]),
+               entry("ControlNet (DDIM)", 4, [17.0, 17.2, 16.8], [20, 21, 22]),
+               entry("PE-CoDi", 4, [19.8, 20.3, 19.4], [11, 12, 13]),
+               entry("Two-stage (ControlNet + LCM)", 4, [19.7, 20.2, 19.5], [12, 11, 13])]
+    checks = {c["claim"]: c["verdict"] for c in repro.verdicts(entries, "sr")}
+    assert checks["PE-CoDi at 4 steps within 0.5 dB of ControlNet at 50"] == "holds"
+    assert checks["PE-CoDi at 4 steps better than ControlNet at 4"] == "holds"
+    assert checks["PE-CoDi at 4 steps better than the two-stage baseline at 4"] == "not shown (within the spread)"
+    assert repro.compare(entries[1], entries[2])["verdict"] == "worse"
 
 
 def test_repro_trains_resumes_and_evaluates(tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
     args = [*TINY, "--work", str(work), "--results", str(results)]
-    only = ["--only", "sr_controlnet,sr_two_stage"]
+    only = ["--only", "sr_controlnet_seed0,sr_two_stage_seed0"]
     assert repro.main([*args, "--phase", "train", *only]) == 0
-    done = json.loads((work / "runs" / "sr_two_stage" / "done.json").read_text())
+    done = json.loads((work / "runs" / "sr_two_stage_seed0" / "done.json").read_text())
     assert "--teacher_adapter" in done["flags"] and done["steps"] == 2
     # an interrupted run resumes from its last complete state: drop the final files, keep the step-1 state
-    run_dir = work / "runs" / "sr_controlnet"
+    run_dir = work / "runs" / "sr_controlnet_seed0"
     (run_dir / "done.json").unlink()
-    (run_dir / "sr_controlnet.safetensors").unlink()
-    assert repro.main([*args, "--phase", "train", "--only", "sr_controlnet"]) == 0
+    (run_dir / "sr_controlnet_seed0.safetensors").unlink()
+    assert repro.main([*args, "--phase", "train", "--only", "sr_controlnet_seed0"]) == 0
     record = json.loads((run_dir / "done.json").read_text())
     assert record["resumed"] and "--resume" in record["command"]
     assert record["steps_this_call"] == 1 and record["seconds_per_step"] > 0  # timed over the resumed part only
     assert "resumed from" in (run_dir / "train.log").read_text()
+    assert str(REPO) not in json.dumps(record)  # no machine-specific path in what gets committed
 
     assert repro.main([*args, "--phase", "eval"]) == 0
     metrics = json.loads((results / "mini_repro_metrics.json").read_text())
@@ -58,24 +85,22 @@ def test_repro_trains_resumes_and_evaluates(tmp_path):
     assert ("bicubic", 0) in methods and ("ControlNet (DDIM)", 50) in methods
     assert ("Two-stage (ControlNet + LCM)", 4) in methods
     assert not any(r["method"] == "PE-CoDi" for r in rows)  # not trained here: skipped, not invented
-    supplementary = {r["method"]: r for r in rows if r["table"] == "supplementary"}
-    assert set(supplementary) == {"img2img from bicubic: base alone", "img2img from bicubic: ControlNet"}
-    assert all(r["nfe"] == r["steps"] == 4 for r in supplementary.values())  # t = 420, 280, 140, 0
+    supplementary = [r for r in rows if r["table"] == "supplementary"]
+    assert {r["start_strength"] for r in supplementary} == {1.0, 0.5}
+    assert {r["nfe"] for r in supplementary} == {4, 2}  # strength 0.5 keeps the last 2 of the 4 steps
     for row in rows:
         assert row["psnr"] > 5 and 0 < row["ssim"] <= 1 and row["fd_patch"] >= 0
+        assert len(row["colour_corr"]) == 3 and -1 <= row["colour_corr_min"] <= 1
     assert {r["nfe"] for r in rows if r["method"] == "ControlNet (DDIM)"} == {50, 8, 4, 2, 1}
     assert (results / "mini_repro_sr.png").stat().st_size > 1000
-    diag = metrics["tasks"]["sr"]["denoising_accuracy"]
-    assert set(diag) == {"base alone", "sr_controlnet", "sr_two_stage"}
-    assert diag["base alone"]["x0_psnr_t20"] > diag["base alone"]["x0_psnr_t980"]  # accurate at low noise only
     tables = (results / "mini_repro_tables.md").read_text()
-    assert "| 50 | ControlNet (DDIM) |" in tables and "supplementary: img2img" in tables
+    assert "| 50 | ControlNet (DDIM) | 1 |" in tables and "sampling from alpha * bicubic" in tables
+    assert str(REPO) not in (results / "mini_repro_metrics.json").read_text()
     with pytest.raises(SystemExit, match="needs"):
-        repro.main([*args, "--phase", "train", "--only", "sr_two_stage", "--work", str(tmp_path / "empty")])
+        repro.main([*args, "--phase", "train", "--only", "sr_two_stage_seed0", "--work", str(tmp_path / "empty")])
 
 
-def test_colour_probe_splits_the_error_and_finds_where_the_colour_comes_from():
-    import colour_probe
+def test_colour_statistics_split_the_error_and_find_where_the_colour_comes_from():
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -83,12 +108,12 @@ def test_colour_probe_splits_the_error_and_finds_where_the_colour_comes_from():
     noises = torch.randn((16, 3, 8, 8), generator=g)
     # outputs = the target's structure with the *noise's* mean colour: all of the colour error, none of the rest
     offset = noises.mean(dim=(2, 3), keepdim=True) - targets.mean(dim=(2, 3), keepdim=True)
-    stats = colour_probe.colour_statistics(targets + offset, targets, noises)
+    stats = repro.colour_statistics(targets + offset, targets, noises)
     assert stats["rest_mse"] == pytest.approx(0, abs=1e-6) and stats["colour_share"] == pytest.approx(1, abs=1e-5)
     assert stats["corr_with_noise_mean"] == pytest.approx(1, abs=1e-5)
     # the target shifted by 0.1: all of the error (0.1^2) is colour, and the colour follows the target's, not the
     # noise's
-    exact = colour_probe.colour_statistics(targets.clone() + 0.1, targets, noises)
+    exact = repro.colour_statistics(targets.clone() + 0.1, targets, noises)
     assert exact["corr_with_target_mean"] == pytest.approx(1, abs=1e-5)
     assert exact["colour_share"] == pytest.approx(1, abs=1e-5) and exact["mse"] == pytest.approx(0.01, rel=1e-4)
     assert abs(exact["corr_with_noise_mean"]) < 0.6

@@ -193,6 +193,36 @@ def test_report_end_to_end(sd2_base, controlnet_adapter, tmp_path):
     assert metrics["settings"]["grid"] == 50 and metrics["machine"]["torch"] == torch.__version__
 
 
+def test_sr_rows_started_from_the_bicubic_upsample(sd2_base, controlnet_adapter, tmp_path):
+    """``hint_start``: the largest step count's grid started from alpha * encode(bicubic) + sigma * noise, only the
+    last round(s * steps) timesteps run; equal to ``ccd_sampler.sample``'s img2img done by hand."""
+    import ccd_sampler as cs
+    from trainer.adapters.controlnet import adapted_unet_output, text_conditioning
+
+    pairs = sr_pairs(1)
+    result = evaluate_adapter(sd2_base, controlnet_adapter, pairs, task="sr", steps=(1, 4), hint_start=(0.5,),
+                              progress=False)
+    row = result.row("CoDi 4, bicubic start 0.5")
+    assert (row.kind, row.timesteps, row.nfe) == ("hint_start", [460, 200], 2)
+    pair = pairs[0]
+    hint = pair.hint[None].float()
+    _, h, w = pair.target.shape
+    noise = torch.randn((sd2_base.unet.config.in_channels, h // 8, w // 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = cs.sample(lambda z, t, c: adapted_unet_output(sd2_base.unet, controlnet_adapter, z, t, c), noise[None],
+                        cs.codi_timesteps(4, grid=50), sd2_base.prediction_type, schedule=sd2_base.noise_schedule(),
+                        mode="ode", cond=text_conditioning(sd2_base.encode_text([pair.caption]), hint),
+                        init_image=sd2_base.encode_pixels(hint * 2 - 1), strength=0.5)
+        expected = (sd2_base.decode_latents(out).float() / 2 + 0.5).clamp(0, 1)[0]
+    assert torch.allclose(result.images[row.method][0], expected, atol=1e-4)
+    assert len(result.images) == 4 and len(result.targets) == 1  # bicubic, CoDi 1, CoDi 4, the started row
+    assert "started from the bicubic upsample" in write_report(result, tmp_path)["report"].read_text()
+    with pytest.raises(ValueError, match="needs a hint that is an image of the target"):
+        evaluate_adapter(sd2_base, controlnet_adapter, pairs, task="canny", steps=(1,), hint_start=(0.5,))
+    with pytest.raises(ValueError, match="start strength must be in"):
+        evaluate_adapter(sd2_base, controlnet_adapter, pairs, task="sr", steps=(1,), hint_start=(0.0,))
+
+
 def test_report_inpaint_and_canny_task_metrics(sd2_base, controlnet_adapter, tmp_path):
     target = sr_pairs(1)[0].target
     mask = torch.zeros(1, SIZE, SIZE)
@@ -250,16 +280,17 @@ def test_cli_end_to_end(small_sd2v, sd1_tokenizer_dir, sd2_base, controlnet_adap
            "--pretrained_model_name_or_path", str(small_sd2v.path), "--adapter", str(adapter_path),
            "--tokenizer_path", str(sd1_tokenizer_dir), "--validation_data_dir", str(photos_dir),
            "--conditioning_data_dir", str(hints_dir), "--low_res_data_dir", str(low_dir), "--resolution", str(SIZE),
-           "--steps", "1,2", "--no_progress", "--output_dir", str(out)]
+           "--steps", "1,2", "--hint_start", "0.5", "--no_progress", "--output_dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "CoDi 2 steps" in proc.stdout
     text = (out / "report.md").read_text()
     assert "| 1 | CoDi 1 step |" in text and "| – | bicubic |" in text and "codi_sr.safetensors" in text
+    assert "| 2 | CoDi 2, bicubic start 0.5 |" in text
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["adapter_type"] == "controlnet" and metrics["pairs"] == ["photo0", "photo1"]
     with Image.open(out / "grid.png") as img:
-        assert img.size == (5 * 128 + 4 * report.GRID_GAP, report.GRID_HEADER + 2 * 128 + report.GRID_GAP)
+        assert img.size == (6 * 128 + 5 * report.GRID_GAP, report.GRID_HEADER + 2 * 128 + report.GRID_GAP)
     assert (out / "quality_vs_steps.png").stat().st_size > 1000
 
     # a missing adapter file: a one-line error and exit code 2, before the base model is loaded
@@ -268,3 +299,6 @@ def test_cli_end_to_end(small_sd2v, sd1_tokenizer_dir, sd2_base, controlnet_adap
     bad = cmd[2:5] + [str(tmp_path / "missing.safetensors")] + cmd[6:]
     assert main(bad) == 2
     assert "codi: error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*cmd[2:], "--hint_start", "2"])
+    assert "--hint_start takes strengths in (0, 1]" in capsys.readouterr().err

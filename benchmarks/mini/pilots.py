@@ -21,7 +21,7 @@ zero terminal SNR and SD 2 was fine-tuned to v-prediction: a few hundred steps m
 parameterisation, which is what a pilot needs to tell the designs apart. Every ControlNet then trains with the recipe
 of ``repro.py`` (same adapter, data, learning rate, seed) and is scored on the first ``--test_crops`` held-out SR
 crops: PSNR, SSIM, FD-patch, and the per-channel correlation of each output's mean colour with the target's and with
-the starting noise's (``colour_probe.colour_statistics``). Bicubic upsampling is the bar.
+the starting noise's (``repro.colour_statistics``). Bicubic upsampling is the bar.
 
 Everything is resumable: the bases and ControlNets save their state as they go, a finished pilot keeps its scores in
 ``<work>/pilots/<name>/scores.json``; the table goes to ``benchmarks/results/mini_pilots.{json,md}``.
@@ -105,7 +105,6 @@ def pilot_controlnet(name: str, spec: dict, base: Path, args, data: dict) -> Pat
 
 
 def score_pilot(name: str, base_path: Path, adapter_path: Path, args, data: dict, feature_net) -> dict:
-    import colour_probe
     import torch
 
     from trainer.adapters.files import load_adapter
@@ -113,7 +112,6 @@ def score_pilot(name: str, base_path: Path, adapter_path: Path, args, data: dict
 
     torch.set_num_threads(args.threads)
     pairs = repro.evaluation_pairs("sr", data["test"], args.seed)[:args.test_crops]
-    targets = torch.stack([p.target.float() for p in pairs])
     noises = repro.starting_noise(args.seed, range(len(pairs)))
     base = load_base_model(base_path)
     adapter = load_adapter(base, adapter_path).adapter
@@ -122,21 +120,13 @@ def score_pilot(name: str, base_path: Path, adapter_path: Path, args, data: dict
         plan = {"steps": steps, "mode": "ode", "boundary": False}
         tic = time.time()
         images, spi, nfe = repro.generate(base, adapter, pairs, plan, args.seed, 64)
-        images = torch.stack(images)
-        rows[f"controlnet_ddim{steps}"] = {**repro.score(list(images), pairs, "sr", feature_net),
-                                           **colour_probe.colour_statistics(images, targets, noises),
+        rows[f"controlnet_ddim{steps}"] = {**repro.score(images, pairs, "sr", feature_net, noises),
                                            "ms_per_image": 1000 * spi, "seconds": time.time() - tic}
     return rows
 
 
 def bicubic_row(pairs, feature_net) -> dict:
-    import colour_probe
-    import torch
-
-    images = torch.stack(repro.baseline_images(pairs, "sr"))
-    targets = torch.stack([p.target.float() for p in pairs])
-    return {**repro.score(list(images), pairs, "sr", feature_net),
-            **colour_probe.colour_statistics(images, targets, torch.zeros_like(targets))}
+    return repro.score(repro.baseline_images(pairs, "sr"), pairs, "sr", feature_net)
 
 
 def markdown(results: dict) -> str:
@@ -144,13 +134,13 @@ def markdown(results: dict) -> str:
              "colour corr. with noise | mean-colour share of MSE |", "|---|---|---|---|---|---|---|---|---|"]
     b = results["bicubic"]
     lines.append(f"| – | bicubic | – | {b['psnr']:.2f} | {b['ssim']:.4f} | {b['fd_patch']:.2f} | "
-                 f"{', '.join(f'{c:.2f}' for c in b['corr_with_target_mean_per_channel'])} | – | "
+                 f"{', '.join(f'{c:.2f}' for c in b['colour_corr'])} | – | "
                  f"{b['colour_share']:.0%} |")
     for name, pilot in results["pilots"].items():
         for sampler, r in pilot["rows"].items():
             lines.append(f"| {name} | {pilot['what']} | {sampler.replace('controlnet_', '').upper()} | "
                          f"{r['psnr']:.2f} | {r['ssim']:.4f} | {r['fd_patch']:.2f} | "
-                         f"{', '.join(f'{c:.2f}' for c in r['corr_with_target_mean_per_channel'])} | "
+                         f"{', '.join(f'{c:.2f}' for c in r['colour_corr'])} | "
                          f"{r['corr_with_noise_mean']:.2f} | {r['colour_share']:.0%} |")
     return "\n".join(lines) + "\n"
 

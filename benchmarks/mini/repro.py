@@ -1,32 +1,39 @@
 """Miniature reproduction of the CoDi paper's tables: one command trains every method and writes the tables.
 
-    .venv/bin/python benchmarks/mini/repro.py              # train what is missing, evaluate, write the results
-    .venv/bin/python benchmarks/mini/repro.py --phase eval # re-score the trained adapters only
+    .venv/bin/python benchmarks/mini/repro.py                  # everything (resumable; 6-7 h on 2 CPU cores)
+    .venv/bin/python benchmarks/mini/repro.py --quick          # headline rows, SR, one seed, short runs (~30 min)
+    .venv/bin/python benchmarks/mini/repro.py --phase eval     # re-score the trained adapters only
 
-Everything real except scale: the committed pixel-space base (``benchmarks/mini/base``, pretrained here on real photos),
-the trainer (``trainer/train.py``) and its condition builders, held-out crops of test-split photos. Every method trains
-the same adapter (a ControlNet: encoder copy + hint CNN 16,32 + zero convs) with the same budget (steps x batch):
+Everything real except scale: the committed pixel-space base (``--base``, default ``benchmarks/mini/base_v2``:
+v-prediction on the zero-terminal-SNR schedule, pretrained here on real photos), the trainer (``trainer/train.py``) and
+its condition builders, held-out crops of test-split photos. Every method trains the same adapter (a ControlNet:
+encoder copy + hint CNN 16,32 + zero convs) with the same budget (steps x batch):
 
     controlnet   plain denoising loss (``--loss diffusion``), sampled with DDIM at 50/8/4/2/1 steps
     pe_codi      CoDi, adapter only (the paper's PE-CoDi), 1/2/4 steps
     codi_lora    CoDi, adapter + a jointly trained UNet LoRA (our stand-in for the paper's full CoDi), 1/2/4 steps
     two_stage    ``controlnet`` then LCM-style consistency distillation of it (``--ode_model teacher``, lambda 0),
                  4 steps
-    ablations    CoDi at 4 steps with the one-step ODE from the frozen base, eps-space consistency, per-sample t
+    ablations    (SR) CoDi at 4 steps with: the one-step ODE from the frozen base, eps-space consistency, one t per
+                 sample, lambda = 0.1, grid N = 20, and both Min-SNR-5 weightings
+
+for the tasks ``sr`` (4x), ``inpaint`` and ``gray`` (colorization). The headline rows train with several seeds
+(``SEEDS``): their table cells are mean ± std over seeds, and the verdicts against the paper's claims take that spread
+into account. Supplementary SR rows start the same samplers from ``alpha * bicubic + sigma * noise`` instead of pure
+noise (an img2img start from the condition; not the paper's protocol).
 
 Each training run is a ``trainer/train.py`` subprocess that saves its full state every ``--save_every`` steps; a rerun
-skips finished runs and resumes unfinished ones from their last state (an interrupted benchmark loses at most
-``--save_every`` steps per run). Outputs: ``<work>/runs/<name>/`` (adapters, logs, ``done.json``),
-``<work>/eval/metrics.json``, and with ``--results`` (default ``benchmarks/results``) ``mini_repro_metrics.json``, the
-tables
-``mini_repro_tables.md`` and the PNG grids ``mini_repro_<task>.png``; ``benchmarks/results/mini_repro.md`` quotes
-those tables and reads them against the paper.
+skips finished runs and resumes unfinished ones from their last state. Outputs: ``<work>/runs/<name>/`` (adapters,
+logs, ``done.json``), ``<work>/eval/metrics.json``, and in ``--results`` (default ``benchmarks/results``)
+``mini_repro_metrics.json``, the tables and verdicts ``mini_repro_tables.md`` and the grids ``mini_repro_<task>.png``
+(``--quick``: the same names with ``_quick``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -36,14 +43,93 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-BASE = HERE / "base"
+BASE = HERE / "base_v2"
 
 # The shared recipe of every training run (the demo uses the same; see benchmarks/mini/demo.py).
 COMMON = ["--resolution", "64", "--adapter_type", "controlnet", "--conditioning_embedding_channels", "16,32",
           "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "20", "--ema_decay", "0.99",
           "--max_grad_norm", "1.0", "--save_precision", "float"]
 BATCH_SIZE, LEARNING_RATE = 8, 1e-3
-TASK_FLAGS = {"sr": ["--task", "sr", "--sr_scale", "4"], "inpaint": ["--task", "inpaint"]}
+TASK_FLAGS = {"sr": ["--task", "sr", "--sr_scale", "4"], "inpaint": ["--task", "inpaint"], "gray": ["--task", "gray"]}
+TASK_NAMES = {"sr": "4x super-resolution", "inpaint": "Inpainting", "gray": "Colorization (gray)"}
+METHOD_FLAGS = {"controlnet": ["--loss", "diffusion"], "pe_codi": [], "codi_lora": ["--unet_lora_dim", "16"],
+                "two_stage": ["--ode_model", "teacher", "--guidance_weight", "0"]}
+# seeds per (task, method): the headline rows of SR and inpainting with three, the rest with one
+SEEDS = {"sr": {"controlnet": 3, "pe_codi": 3, "codi_lora": 3, "two_stage": 3},
+         "inpaint": {"controlnet": 3, "pe_codi": 3, "codi_lora": 1, "two_stage": 1},
+         "gray": {"controlnet": 1, "pe_codi": 1, "codi_lora": 1, "two_stage": 1}}
+ABLATIONS = {"ode_base": (["--ode_model", "base"], "ODE model = frozen base"),
+             "eps_space": (["--consistency_space", "eps"], "eps-space consistency"),
+             "per_sample_t": (["--shared_timestep", "false"], "one t per sample"),
+             "lambda_0.1": (["--guidance_weight", "0.1"], "lambda = 0.1"),
+             "grid_20": (["--distill_grid", "20"], "grid N = 20"),
+             "min_snr_truncated": (["--min_snr_gamma", "5", "--min_snr_weighting", "truncated"],
+                                   "Min-SNR-5, truncated weighting"),
+             "min_snr_x_space": (["--min_snr_gamma", "5", "--min_snr_weighting", "x_space"],
+                                 "Min-SNR-5, x-space weighting")}
+METHOD_LABELS = {"controlnet": "ControlNet (DDIM)", "two_stage": "Two-stage (ControlNet + LCM)",
+                 "pe_codi": "PE-CoDi", "codi_lora": "CoDi + UNet LoRA"}
+
+
+def run_name(task: str, method: str, seed: int) -> str:
+    return f"{task}_{method}_seed{seed}"
+
+
+def run_table(tasks, quick: bool = False) -> list[dict]:
+    """The training runs, in order (the two-stage run needs its ControlNet, listed earlier): per task the headline
+    methods for each of their seeds, SR first with its ablations, so an interrupted benchmark has whole tables
+    sooner."""
+    runs = []
+    for task in tasks:
+        seeds = SEEDS[task]
+        for method, flags in METHOD_FLAGS.items():
+            for seed in range(1 if quick else seeds[method]):
+                run = {"name": run_name(task, method, seed), "task": task, "method": method, "seed": seed,
+                       "flags": list(flags)}
+                if method == "two_stage":
+                    run["needs"] = run_name(task, "controlnet", seed)
+                runs.append(run)
+        if task == "sr" and not quick:
+            runs += [{"name": f"sr_ablation_{key}", "task": "sr", "method": "ablation", "seed": 0, "flags": flags,
+                      "label": label} for key, (flags, label) in ABLATIONS.items()]
+    # the (cheap) ControlNets first, so the two-stage runs never wait for them
+    return sorted(runs, key=lambda r: (tasks.index(r["task"]), r["method"] != "controlnet"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", choices=("all", "train", "eval"), default="all")
+    p.add_argument("--quick", action="store_true",
+                   help="the headline rows of SR with one seed, 300 steps per run, 128 test crops (~25 min)")
+    p.add_argument("--base", type=Path, default=BASE, help="the base bundle every adapter is distilled from")
+    p.add_argument("--work", type=Path, default=None,
+                   help="runs, data crops and raw metrics (git-ignored; default benchmarks/mini/work[_quick])")
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
+                   help="where the metrics JSON, the tables and the PNG grids go")
+    p.add_argument("--tasks", default=None, help="comma-separated (default sr,inpaint,gray; --quick: sr)")
+    p.add_argument("--only", default=None, help="comma-separated run names to train (default: all)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 900; --quick 300)")
+    p.add_argument("--batch_size", type=int, default=BATCH_SIZE)
+    p.add_argument("--learning_rate", type=float, default=LEARNING_RATE)
+    p.add_argument("--train_crops", type=int, default=2048, help="64x64 training crops of the train-split photos")
+    p.add_argument("--test_crops", type=int, default=None,
+                   help="held-out 64x64 crops of the test-split photos (default 256; --quick 128)")
+    p.add_argument("--save_every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="data crops, evaluation noise; run seeds add to it")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="training runs at a time (each with --threads threads); on a 2-core CPU two 1-thread runs "
+                        "beat one 2-thread run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    p.add_argument("--eval_batch", type=int, default=64)
+    p.add_argument("--eval_threads", type=int, default=os.cpu_count() or 1, help="torch threads of the evaluation")
+    args = p.parse_args(argv)
+    args.tasks = (args.tasks or ("sr" if args.quick else "sr,inpaint,gray")).split(",")
+    args.steps = args.steps or (300 if args.quick else 900)
+    args.test_crops = args.test_crops or (128 if args.quick else 256)
+    args.work = args.work or HERE / ("work_quick" if args.quick else "work")
+    args.suffix = "_quick" if args.quick else ""
+    return args
 
 
 def portable(obj):
@@ -58,52 +144,6 @@ def portable(obj):
     return obj
 
 
-def run_table(tasks) -> list[dict]:
-    """The training runs, in order (a run may depend on an earlier one's adapter); SR first, with its ablations (the
-    paper's ablations are on SR), so that an interrupted benchmark has whole tables sooner."""
-    runs = []
-    for task in tasks:
-        runs += [
-            {"name": f"{task}_controlnet", "task": task, "flags": ["--loss", "diffusion"]},
-            {"name": f"{task}_pe_codi", "task": task, "flags": []},
-            {"name": f"{task}_codi_lora", "task": task, "flags": ["--unet_lora_dim", "16"]},
-            {"name": f"{task}_two_stage", "task": task, "needs": f"{task}_controlnet",
-             "flags": ["--ode_model", "teacher", "--guidance_weight", "0"]},
-        ]
-        if task == "sr":
-            runs += [
-                {"name": "sr_ablation_eps_space", "task": "sr", "flags": ["--consistency_space", "eps"]},
-                {"name": "sr_ablation_ode_base", "task": "sr", "flags": ["--ode_model", "base"]},
-                {"name": "sr_ablation_per_sample_t", "task": "sr", "flags": ["--shared_timestep", "false"]},
-            ]
-    return runs
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", choices=("all", "train", "eval"), default="all")
-    p.add_argument("--work", type=Path, default=HERE / "work", help="runs, data crops and raw metrics (git-ignored)")
-    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
-                   help="where the metrics JSON and PNG grids go")
-    p.add_argument("--tasks", default="sr,inpaint")
-    p.add_argument("--only", default=None, help="comma-separated run names to train (default: all)")
-    p.add_argument("--steps", type=int, default=900, help="training steps per run")
-    p.add_argument("--batch_size", type=int, default=BATCH_SIZE)
-    p.add_argument("--learning_rate", type=float, default=LEARNING_RATE)
-    p.add_argument("--train_crops", type=int, default=2048, help="64x64 training crops of the train-split photos")
-    p.add_argument("--test_crops", type=int, default=256, help="held-out 64x64 crops of the test-split photos")
-    p.add_argument("--save_every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="training runs at a time (each with --threads threads); on a 2-core CPU two 1-thread runs "
-                        "beat one 2-thread run")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per training run and for the evaluation")
-    p.add_argument("--eval_batch", type=int, default=64)
-    p.add_argument("--eval_threads", type=int, default=os.cpu_count() or 1, help="torch threads of the evaluation")
-    return p.parse_args(argv)
-
-
 # ------------------------------------------------------------------------------------------------ data
 
 
@@ -111,7 +151,7 @@ def prepare_data(args) -> dict[str, Path]:
     sys.path.insert(0, str(HERE))
     import photos
 
-    split = json.loads((BASE / "split.json").read_text())
+    split = json.loads((args.base / "split.json").read_text())
     train = args.work / "data" / "train"
     test = args.work / "data" / "test"
     photos.write_crops(split["train"], train, args.train_crops, seed=args.seed)
@@ -136,11 +176,11 @@ def train_run(run: dict, args, data: dict[str, Path]) -> dict:
             raise SystemExit(f"repro: {run['name']} needs {teacher}: train {run['needs']} first")
         flags += ["--init_adapter", str(teacher), "--teacher_adapter", str(teacher)]
     steps = run.get("steps", args.steps)
+    seed = args.seed + run.get("seed", 0)
     argv = [sys.executable, str(REPO / "trainer" / "train.py"), "--pretrained_model_name_or_path",
-            str(run.get("base", BASE)),
-            "--train_data_dir", str(data["train"]), *TASK_FLAGS[run["task"]], *COMMON, *flags,
-            "--train_batch_size", str(args.batch_size), "--max_train_steps", str(steps),
-            "--learning_rate", str(args.learning_rate), "--seed", str(args.seed),
+            str(run.get("base", args.base)), "--train_data_dir", str(data["train"]), *TASK_FLAGS[run["task"]],
+            *COMMON, *flags, "--train_batch_size", str(args.batch_size), "--max_train_steps", str(steps),
+            "--learning_rate", str(args.learning_rate), "--seed", str(seed),
             "--save_every_n_steps", str(args.save_every), "--save_state", "--save_last_n_steps", str(args.save_every),
             "--output_dir", str(run_dir), "--output_name", run["name"]]
     from trainer.training.state import latest_step_state
@@ -162,9 +202,9 @@ def train_run(run: dict, args, data: dict[str, Path]) -> dict:
     # when earlier calls were interrupted
     done_lines = re.findall(r"codi: done: \d+ steps \((\d+) this run\) in ([0-9.]+) s", text)
     steps_last, seconds_last = (int(done_lines[-1][0]), float(done_lines[-1][1])) if done_lines else (0, 0.0)
-    record = {"name": run["name"], "task": run["task"], "flags": flags, "steps": steps,
-              "batch_size": args.batch_size, "seconds_this_call": seconds, "training_seconds": seconds_last,
-              "steps_this_call": steps_last,
+    record = {"name": run["name"], "task": run["task"], "method": run.get("method"), "seed": seed, "flags": flags,
+              "steps": steps, "batch_size": args.batch_size, "seconds_this_call": seconds,
+              "training_seconds": seconds_last, "steps_this_call": steps_last,
               "seconds_per_step": seconds_last / steps_last if steps_last else None,
               "resumed": state is not None, "command": " ".join(argv[1:])}
     done.write_text(json.dumps(portable(record), indent=1))
@@ -192,28 +232,38 @@ def train_all(runs: list[dict], args, data) -> None:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def sampling_plans(task: str) -> list[dict]:
-    """(method label, run, steps, sampler) rows of the tables, in the paper's order."""
-    plans = [{"method": "ControlNet (DDIM)", "run": f"{task}_controlnet", "steps": n, "mode": "ode",
-              "boundary": False} for n in (50, 8, 4, 2, 1)]
-    plans += [{"method": "Two-stage (ControlNet + LCM)", "run": f"{task}_two_stage", "steps": 4,
-               "mode": "consistency", "boundary": True}]
-    plans += [{"method": "PE-CoDi", "run": f"{task}_pe_codi", "steps": n, "mode": "ode", "boundary": True}
-              for n in (1, 2, 4)]
-    plans += [{"method": "CoDi + UNet LoRA", "run": f"{task}_codi_lora", "steps": n, "mode": "ode",
-               "boundary": True} for n in (1, 2, 4)]
+def sampling_plans(task: str, runs: list[dict]) -> list[dict]:
+    """The rows to sample: ``{"method", "run", "steps", "mode", "boundary", "table"[, "start"]}`` for every trained
+    run of ``task``, in the paper's order. ControlNet's 8/2/1-step rows come from the first seed only."""
+    plans = []
+    by_method: dict[str, list[dict]] = {}
+    for run in runs:
+        if run["task"] == task:
+            by_method.setdefault(run["method"], []).append(run)
+    for run in by_method.get("controlnet", []):
+        plans += [{"method": METHOD_LABELS["controlnet"], "run": run["name"], "steps": n, "mode": "ode",
+                   "boundary": False, "table": "main"} for n in ((50, 8, 4, 2, 1) if run["seed"] == 0 else (50, 4))]
+    plans += [{"method": METHOD_LABELS["two_stage"], "run": run["name"], "steps": 4, "mode": "consistency",
+               "boundary": True, "table": "main"} for run in by_method.get("two_stage", [])]
+    for method in ("pe_codi", "codi_lora"):
+        plans += [{"method": METHOD_LABELS[method], "run": run["name"], "steps": n, "mode": "ode", "boundary": True,
+                   "table": "main"} for run in by_method.get(method, []) for n in (1, 2, 4)]
+    plans += [{"method": f"ablation: {run['label']}", "run": run["name"], "steps": 4, "mode": "ode",
+               "boundary": True, "table": "ablations"} for run in by_method.get("ablation", [])]
     if task == "sr":
-        plans += [{"method": label, "run": run, "steps": 4, "mode": "ode", "boundary": True} for label, run in (
-            ("ablation: ODE model = frozen base", "sr_ablation_ode_base"),
-            ("ablation: eps-space consistency", "sr_ablation_eps_space"),
-            ("ablation: per-sample t", "sr_ablation_per_sample_t"))]
-        # Supplementary, not the paper's protocol: start from the bicubic upsample at t = 420 (the last 4 of the
-        # 8-step grid) instead of pure noise at t = 980, which separates "the adapter learned the condition" from
-        # "the base's first steps at t ~ 980 are accurate" (see mini_repro.md).
-        plans += [{"method": f"img2img from bicubic: {label}", "run": run, "steps": 8, "mode": "ode",
-                   "boundary": True, "img2img_strength": 0.5, "table": "supplementary"} for label, run in (
-            ("base alone", None), ("ControlNet", "sr_controlnet"), ("PE-CoDi", "sr_pe_codi"),
-            ("CoDi + UNet LoRA", "sr_codi_lora"))]
+        # Supplementary, not the paper's protocol: start from alpha * bicubic + sigma * noise (the condition as an
+        # img2img start) at strength 1 (all 4 steps, from t = 980) and 0.5 (the last 2)
+        firsts = {m: next((r["name"] for r in by_method.get(m, []) if r["seed"] == 0), None)
+                  for m in ("controlnet", "pe_codi", "codi_lora")}
+        for strength in (1.0, 0.5):
+            for label, run, boundary in (("base alone", None, False),
+                                         ("ControlNet (DDIM)", firsts["controlnet"], False),
+                                         ("PE-CoDi", firsts["pe_codi"], True),
+                                         ("CoDi + UNet LoRA", firsts["codi_lora"], True)):
+                if run is not None or label == "base alone":
+                    plans.append({"method": f"start from bicubic, strength {strength}: {label}", "run": run,
+                                  "steps": 4, "mode": "ode", "boundary": boundary, "table": "supplementary",
+                                  "start": strength})
     return plans
 
 
@@ -251,7 +301,7 @@ def load_run(work: Path, run: str | None, base_path: Path = BASE):
     return base, None if path is None else load_adapter(base, path).adapter
 
 
-def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[list, float, int]:
+def generate(base, adapter, pairs, plan: dict, seed: int, batch: int, grid: int = 50) -> tuple[list, float, int]:
     """Sample every pair with one plan; returns (images in [0, 1], seconds per image, NFE per image)."""
     import torch
 
@@ -259,8 +309,8 @@ def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[l
     from trainer.adapters.controlnet import adapted_unet_output, text_conditioning
     from trainer.evaluation.evaluate import reference_timesteps
 
-    timesteps = reference_timesteps(plan["steps"], 50)
-    schedule = cs.NoiseSchedule.from_config(base.scheduler)
+    timesteps = reference_timesteps(plan["steps"], grid)
+    schedule = base.noise_schedule()
     scale = base.vae_scaling_factor  # pixel-space base: latents = pixels in [-1, 1] times this
     calls = {"n": 0}
 
@@ -272,15 +322,14 @@ def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[l
     for start in range(0, len(pairs), batch):
         group = list(range(start, min(start + batch, len(pairs))))
         hint = torch.stack([pairs[i].hint for i in group]).float()
-        text = base.encode_text([""] * len(group))
-        cond = text_conditioning(text, hint)
+        cond = text_conditioning(base.encode_text([""] * len(group)), hint)
         noise = starting_noise(seed, group)
         generator = torch.Generator().manual_seed(seed + 7919 * (start + 1))
+        init = {}
+        if plan.get("start"):
+            init = {"init_image": (hint * 2 - 1) * scale, "strength": plan["start"]}
         tic = time.perf_counter()
         with torch.no_grad():
-            init = {}
-            if plan.get("img2img_strength"):
-                init = {"init_image": (hint * 2 - 1) * scale, "strength": plan["img2img_strength"]}
             out = cs.sample(denoise, noise, timesteps, base.prediction_type, schedule=schedule, mode=plan["mode"],
                             cond=cond, generator=generator, boundary=plan["boundary"], **init)
         seconds += time.perf_counter() - tic
@@ -288,46 +337,34 @@ def generate(base, adapter, pairs, plan: dict, seed: int, batch: int) -> tuple[l
     return images, seconds / len(pairs), calls["n"] // len(pairs)
 
 
-DIAGNOSTIC_T = (20, 200, 500, 800, 980)
-DIAGNOSTIC_CROPS = 64
+def colour_statistics(images, targets, noises=None) -> dict:
+    """Where an output's colours come from (images in [0, 1], ``[N, 3, H, W]``): the MSE split into the per-image
+    mean-colour error and the rest (``mse = mean_colour_mse + rest_mse`` exactly), and the correlation, over images,
+    of each output's per-channel mean colour with the target's (per channel and pooled with each channel centred)
+    and, given the starting ``noises``, with theirs. A model that takes its colours from the condition has
+    correlations near 1 with the target; v1 of the miniature had 1.00 with the noise instead."""
+    out_mean, tgt_mean = images.mean(dim=(2, 3)), targets.mean(dim=(2, 3))
+    mse = ((images - targets) ** 2).mean()
+    colour = ((out_mean - tgt_mean) ** 2).mean()
+
+    def corr(a, b):
+        a, b = a - a.mean(0), b - b.mean(0)  # centre each channel over the images
+        return float((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12))
+
+    channels = range(out_mean.shape[1])
+    per_channel = [corr(out_mean[:, c], tgt_mean[:, c]) for c in channels]
+    stats = {"mse": float(mse), "mean_colour_mse": float(colour), "rest_mse": float(mse - colour),
+             "colour_share": float(colour / mse) if float(mse) > 0 else 0.0,
+             "corr_with_target_mean": corr(out_mean, tgt_mean), "colour_corr": per_channel,
+             "colour_corr_min": min(per_channel), "output_mean_colour_std": float(out_mean.std(0).mean())}
+    if noises is not None:
+        noise_mean = noises.mean(dim=(2, 3))
+        stats["corr_with_noise_mean"] = corr(out_mean, noise_mean)
+        stats["corr_with_noise_mean_per_channel"] = [corr(out_mean[:, c], noise_mean[:, c]) for c in channels]
+    return stats
 
 
-def denoising_accuracy(base, adapter, pairs, seed: int, batch: int) -> dict:
-    """PSNR of the one-step estimate x0 = (z_t - sigma_t eps_hat) / alpha_t against the target at fixed t (z_t made
-    from the target and seeded noise), and the standard deviation of x0 from *pure noise* at t = 980: how accurate
-    the (adapted) model is at each noise level, in particular at the t ~ 980 every few-step sampler starts from."""
-    import torch
-
-    import ccd_sampler as cs
-    from trainer.adapters.controlnet import adapted_unet_output, text_conditioning
-    from trainer.evaluation.metrics import psnr
-
-    schedule = cs.NoiseSchedule.from_config(base.scheduler)
-    scale = base.vae_scaling_factor
-    x = (torch.stack([p.target.float() for p in pairs]) * 2 - 1) * scale
-    hint = torch.stack([p.hint.float() for p in pairs])
-    out = {}
-    for t in (*DIAGNOSTIC_T, "noise"):
-        estimates = []
-        for start in range(0, len(pairs), batch):
-            xb, hb = x[start:start + batch], hint[start:start + batch]
-            tt = torch.full((len(xb),), 980 if t == "noise" else t)
-            alpha, sigma = schedule.alpha_sigma(tt, like=xb)
-            noise = torch.randn(xb.shape, generator=torch.Generator().manual_seed(seed + 31 * start + 1))
-            z = noise if t == "noise" else alpha * xb + sigma * noise
-            cond = text_conditioning(base.encode_text([""] * len(xb)), hb)
-            with torch.no_grad():
-                prediction = adapted_unet_output(base.unet, adapter, z, tt, cond)
-            estimates.append(cs.to_x0_eps(prediction, z, alpha, sigma, base.prediction_type)[0] / scale)
-        x0 = torch.cat(estimates)
-        if t == "noise":
-            out["x0_std_from_noise_980"] = float(x0.std())
-        else:
-            out[f"x0_psnr_t{t}"] = float(psnr((x0 / 2 + 0.5).clamp(0, 1), x / scale / 2 + 0.5).mean())
-    return out
-
-
-def score(images, pairs, task: str, feature_net) -> dict:
+def score(images, pairs, task: str, feature_net, noises=None) -> dict:
     import torch
 
     from trainer.evaluation.metrics import masked_psnr, psnr, ssim
@@ -338,6 +375,7 @@ def score(images, pairs, task: str, feature_net) -> dict:
     if task == "inpaint":
         masks = torch.stack([(p.hint[:1] < 0).float() for p in pairs])
         out["masked_psnr"] = float(masked_psnr(pred, target, masks).mean())
+    out.update(colour_statistics(pred, target, noises))
     if feature_net is not None:
         import features
 
@@ -354,59 +392,61 @@ def baseline_images(pairs, task: str) -> list:
     return [default_baseline(p, task, mean_colour).float().clamp(0, 1) for p in pairs]
 
 
-def evaluate(args, data) -> dict:
+BASELINE_NAMES = {"sr": "bicubic", "inpaint": "mean fill", "gray": "grayscale input"}
+
+
+def evaluate(args, data, runs: list[dict]) -> tuple[dict, dict]:
     import torch
 
     sys.path.insert(0, str(HERE))
     import features
-
     from trainer.evaluation.evaluate import machine_info
 
     torch.set_num_threads(args.eval_threads)
     feature_net = features.load_feature_net(HERE / "featnet" / "feature_net.safetensors")
-    results = {"machine": machine_info("cpu"), "settings": {k: str(v) for k, v in vars(args).items()}, "tasks": {}}
+    results = {"machine": machine_info("cpu"), "settings": portable({k: str(v) for k, v in vars(args).items()}),
+               "base": portable(str(args.base)), "tasks": {}}
     grids = {}
     loaded: dict = {}
 
     def models_of(run: str | None):
-        """``load_run``, once per run."""
         if run not in loaded:
-            loaded[run] = load_run(args.work, run)
+            loaded.clear()  # one run's models at a time: the plans of a run are consecutive
+            loaded[run] = load_run(args.work, run, args.base)
         return loaded[run]
 
-    for task in args.tasks.split(","):
+    grid_of = {r["name"]: 20 if "--distill_grid" in r["flags"] else 50 for r in runs}
+    for task in args.tasks:
         pairs = evaluation_pairs(task, data["test"], args.seed)
+        noises = starting_noise(args.seed, range(len(pairs)))  # what generate() starts each crop from
         rows = []
         base_imgs = baseline_images(pairs, task)
-        rows.append({"method": "bicubic" if task == "sr" else "mean fill", "steps": 0, "nfe": 0, "table": "main",
+        rows.append({"method": BASELINE_NAMES[task], "steps": 0, "nfe": 0, "table": "main", "seed": None,
                      "seconds_per_image": 0.0, **score(base_imgs, pairs, task, feature_net)})
         grid_columns = {"condition": [condition_image(p, task) for p in pairs[:GRID_ROWS]],
                         rows[0]["method"]: base_imgs[:GRID_ROWS]}
-        for plan in sampling_plans(task):
+        plans = sorted(sampling_plans(task, runs), key=lambda p: str(p["run"]))
+        for plan in plans:
             models = models_of(plan["run"])
             if models is None:
                 continue
-            images, spi, nfe = generate(*models, pairs, plan, args.seed, args.eval_batch)
-            row = {"method": plan["method"], "run": plan["run"], "steps": plan["steps"], "sampler": plan["mode"],
-                   "table": plan.get("table", "main"), "nfe": nfe, "seconds_per_image": spi,
-                   **score(images, pairs, task, feature_net)}
-            if plan.get("img2img_strength"):
-                row["steps"] = nfe  # the steps actually run: the tail of the grid
+            images, spi, nfe = generate(*models, pairs, plan, args.seed, args.eval_batch,
+                                        grid_of.get(plan["run"], 50))
+            seed = next((r["seed"] for r in runs if r["name"] == plan["run"]), None)
+            row = {"method": plan["method"], "run": plan["run"], "seed": seed, "steps": plan["steps"],
+                   "sampler": plan["mode"], "table": plan["table"], "nfe": nfe, "seconds_per_image": spi,
+                   **score(images, pairs, task, feature_net, noises)}
+            if plan.get("start"):
+                row["start_strength"] = plan["start"]
+                row["steps"] = nfe
             rows.append(row)
-            print(f"repro: {task} {plan['method']} {row['steps']} steps: PSNR {row['psnr']:.2f} "
-                  f"SSIM {row['ssim']:.4f} FD-patch {row['fd_patch']:.2f} ({spi * 1000:.1f} ms/img)", flush=True)
-            if (plan["method"], plan["steps"]) in GRID_METHODS:
+            print(f"repro: {task} {plan['method']} {row['steps']} steps (seed {seed}): PSNR {row['psnr']:.2f} "
+                  f"FD-patch {row['fd_patch']:.2f} colour corr {row['colour_corr_min']:.2f} "
+                  f"({spi * 1000:.1f} ms/img)", flush=True)
+            if seed == 0 and (plan["method"], plan["steps"]) in GRID_METHODS:
                 grid_columns[f"{plan['method']} {plan['steps']}"] = images[:GRID_ROWS]
         grid_columns["ground truth"] = [p.target.float() for p in pairs[:GRID_ROWS]]
-        diagnostics = {}
-        for run in [None, *dict.fromkeys(p["run"] for p in sampling_plans(task) if p["run"])]:
-            models = models_of(run)
-            if models is not None:
-                # a diagnostic, not a table row: the first 64 crops suffice and keep the evaluation inside the time
-                # budget
-                diagnostics[run or "base alone"] = denoising_accuracy(*models, pairs[:DIAGNOSTIC_CROPS], args.seed,
-                                                                      args.eval_batch)
-        results["tasks"][task] = {"pairs": len(pairs), "rows": rows, "denoising_accuracy": diagnostics}
+        results["tasks"][task] = {"pairs": len(pairs), "rows": rows}
         grids[task] = grid_columns
     return results, grids
 
@@ -422,41 +462,157 @@ def condition_image(pair, task: str):
     return hint.clamp(0, 1) if task != "inpaint" else hint.where(hint >= 0, 0.5)
 
 
+# ------------------------------------------------------------------------------------------------ tables, verdicts
+
+METRICS = ("psnr", "ssim", "masked_psnr", "fd_patch", "kd_patch", "colour_corr_min")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Rows of one (method, steps, table) over seeds: ``{metric: (mean, std, n)}`` plus the method's facts."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["table"], row["method"], row["steps"]), []).append(row)
+    out = []
+    for (table, method, steps), group in groups.items():
+        entry = {"table": table, "method": method, "steps": steps, "n": len(group), "nfe": group[0]["nfe"],
+                 "sampler": group[0].get("sampler"), "seconds_per_image": mean([r["seconds_per_image"] for r in group])}
+        for metric in METRICS:
+            values = [r[metric] for r in group if metric in r]
+            if values:
+                entry[metric] = (mean(values), std(values), len(values), values)
+        out.append(entry)
+    return out
+
+
+def mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def std(values) -> float:
+    if len(values) < 2:
+        return 0.0
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def cell(entry: dict, metric: str, digits: int = 2, scale: float = 1.0) -> str:
+    if metric not in entry:
+        return "–"
+    m, s, n, _ = entry[metric]
+    text = f"{m * scale:.{digits}f}"
+    return f"{text} ± {s * scale:.{digits}f}" if n > 1 else text
+
+
+def compare(a: dict, b: dict, metric: str = "psnr", higher_is_better: bool = True) -> dict:
+    """``a`` against ``b`` on ``metric``: the difference of the means and its standard error (seed-to-seed spread;
+    a single-seed row borrows the other row's spread). ``better`` when the difference exceeds two standard errors
+    in ``a``'s favour, ``worse`` the other way, else ``tie``."""
+    (ma, sa, na, _), (mb, sb, nb, _) = a[metric], b[metric]
+    sa, sb = (sa or sb), (sb or sa)
+    diff = ma - mb if higher_is_better else mb - ma
+    se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+    verdict = "better" if diff > 2 * se and se > 0 else "worse" if diff < -2 * se and se > 0 else "tie"
+    if se == 0:  # one seed on both sides: call only differences larger than 0.5 dB (PSNR) / 10 % (others)
+        margin = 0.5 if metric in ("psnr", "masked_psnr") else 0.1 * abs(mb)
+        verdict = "better" if diff > margin else "worse" if diff < -margin else "tie"
+    return {"difference": diff, "standard_error": se, "verdict": verdict}
+
+
+def find(entries, method: str, steps: int, table: str = "main"):
+    return next((e for e in entries if e["method"] == method and e["steps"] == steps and e["table"] == table), None)
+
+
+def verdicts(entries: list[dict], task: str) -> list[dict]:
+    """The paper's claims checked on one task's table (PSNR and FD-patch, with the seed spread)."""
+    cn50, cn4 = find(entries, METHOD_LABELS["controlnet"], 50), find(entries, METHOD_LABELS["controlnet"], 4)
+    pe4, lora4 = find(entries, "PE-CoDi", 4), find(entries, "CoDi + UNet LoRA", 4)
+    two4 = find(entries, METHOD_LABELS["two_stage"], 4)
+    out = []
+
+    def add(claim, a, b, kind):
+        if a is None or b is None:
+            return
+        psnr, fd = compare(a, b, "psnr"), compare(a, b, "fd_patch", higher_is_better=False)
+        if kind == "approx":  # "within 0.5 dB": the difference is not significantly below -0.5 dB
+            ok = psnr["difference"] + 2 * psnr["standard_error"] >= -0.5
+            verdict = "holds" if ok else "does not hold"
+        else:
+            verdict = {"better": "holds", "tie": "not shown (within the spread)", "worse": "opposite"}[psnr["verdict"]]
+        out.append({"task": task, "claim": claim, "a": a["method"], "b": b["method"], "psnr": psnr, "fd_patch": fd,
+                    "verdict": verdict})
+
+    for name, entry in (("CoDi + UNet LoRA", lora4), ("PE-CoDi", pe4)):
+        add(f"{name} at 4 steps within 0.5 dB of ControlNet at 50", entry, cn50, "approx")
+        add(f"{name} at 4 steps better than ControlNet at 4", entry, cn4, "better")
+    add("PE-CoDi at 4 steps better than the two-stage baseline at 4", pe4, two4, "better")
+    return out
+
+
+def ablation_verdicts(entries: list[dict]) -> list[dict]:
+    """The SR ablations against the PE-CoDi default at 4 steps (the paper's direction in brackets)."""
+    reference = find(entries, "PE-CoDi", 4)
+    expected = {"ODE model = frozen base": "worse", "eps-space consistency": "better", "one t per sample": "worse",
+                "lambda = 0.1": None, "grid N = 20": None, "Min-SNR-5, truncated weighting": None,
+                "Min-SNR-5, x-space weighting": None}
+    out = []
+    for label, direction in expected.items():
+        entry = find(entries, f"ablation: {label}", 4, "ablations")
+        if entry is None or reference is None:
+            continue
+        psnr = compare(entry, reference, "psnr")
+        fd = compare(entry, reference, "fd_patch", higher_is_better=False)
+        out.append({"ablation": label, "paper": direction, "psnr": psnr, "fd_patch": fd})
+    return out
+
+
 def markdown_tables(results: dict) -> str:
-    """The tables of ``mini_repro.md`` in the paper's layout (Steps | Method | metrics), one per task (and the
-    supplementary img2img rows apart)."""
     out = []
     for task, data in results["tasks"].items():
+        entries = aggregate(data["rows"])
         extra = task == "inpaint"
-        name = "4x super-resolution" if task == "sr" else "Inpainting"
-        for table in ("main", "supplementary"):
-            rows = [r for r in data["rows"] if r.get("table", "main") == table]
+        name = TASK_NAMES[task]
+        for table, title in (("main", name), ("ablations", f"{name}: ablations at 4 steps (seed 0)"),
+                             ("supplementary", f"{name}, supplementary: sampling from alpha * bicubic + sigma * noise "
+                                               "(not the paper's protocol)")):
+            rows = [e for e in entries if e["table"] == table]
             if not rows:
                 continue
-            title = (name if table == "main"
-                     else f"{name}, supplementary: img2img start at t = 420 (not the paper's protocol)")
             out.append(f"### {title} ({data['pairs']} held-out crops)\n")
-            out.append("| Steps | Method | PSNR ↑ | SSIM ↑ |" + (" PSNR in mask ↑ |" if extra else "")
-                       + " FD-patch ↓ | KD-patch ×1000 ↓ | NFE | ms / image |")
-            out.append("|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|")
-            for r in rows:
-                steps = "–" if not r["steps"] else str(r["steps"])
-                method = r["method"] + (" (LCM sampler)" if r.get("sampler") == "consistency" else "")
-                out.append(f"| {steps} | {method} | {r['psnr']:.2f} | {r['ssim']:.4f} |"
-                           + (f" {r['masked_psnr']:.2f} |" if extra else "")
-                           + f" {r['fd_patch']:.2f} | {r['kd_patch'] * 1000:.1f} | {r['nfe']} |"
-                           f" {r['seconds_per_image'] * 1000:.1f} |")
+            out.append("| Steps | Method | seeds | PSNR ↑ | SSIM ↑ |" + (" PSNR in mask ↑ |" if extra else "")
+                       + " FD-patch ↓ | KD-patch ×1000 ↓ | colour corr. (min channel) ↑ | NFE | ms / image |")
+            out.append("|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|---|")
+            for e in rows:
+                steps = "–" if not e["steps"] else str(e["steps"])
+                method = e["method"] + (" (LCM sampler)" if e.get("sampler") == "consistency" else "")
+                out.append(f"| {steps} | {method} | {e['n'] if e['steps'] else '–'} | {cell(e, 'psnr')} | "
+                           f"{cell(e, 'ssim', 4)} |" + (f" {cell(e, 'masked_psnr')} |" if extra else "")
+                           + f" {cell(e, 'fd_patch')} | {cell(e, 'kd_patch', 1, 1000)} | "
+                           f"{cell(e, 'colour_corr_min')} | {e['nfe']} | {e['seconds_per_image'] * 1000:.1f} |")
             out.append("")
-        diag = data.get("denoising_accuracy") or {}
-        if diag:
-            out.append(f"### {name}: one-step x0 accuracy by noise level (first {DIAGNOSTIC_CROPS} crops; PSNR of x0 "
-                       "from z_t = alpha_t x + sigma_t eps; std of x0 from pure noise at t = 980)\n")
-            out.append("| model | " + " | ".join(f"t = {t}" for t in DIAGNOSTIC_T) + " | x0 std from noise, t = 980 |")
-            out.append("|---|" + "---|" * (len(DIAGNOSTIC_T) + 1))
-            for model, d in diag.items():
-                out.append(f"| {model} | " + " | ".join(f"{d[f'x0_psnr_t{t}']:.2f}" for t in DIAGNOSTIC_T)
-                           + f" | {d['x0_std_from_noise_980']:.3f} |")
+        checks = verdicts(entries, task)
+        if checks:
+            out.append(f"#### {name}: the paper's claims (PSNR difference ± its standard error over seeds; a row with "
+                       "one seed borrows the other's spread, and with one seed on both sides only differences over "
+                       "0.5 dB PSNR / 10 % FD-patch are called: indicative only)\n")
+            out.append("| claim | PSNR difference | FD-patch difference (positive = first is better) | verdict |")
+            out.append("|---|---|---|---|")
+            for c in checks:
+                out.append(f"| {c['claim']} | {c['psnr']['difference']:+.2f} ± {c['psnr']['standard_error']:.2f} | "
+                           f"{c['fd_patch']['difference']:+.2f} ± {c['fd_patch']['standard_error']:.2f} | "
+                           f"{c['verdict']} |")
             out.append("")
+        if task == "sr":
+            ablations = ablation_verdicts(entries)
+            if ablations:
+                out.append("#### 4x super-resolution: ablations against PE-CoDi at 4 steps\n")
+                out.append("| ablation | PSNR difference | FD-patch difference (positive = ablation is better) | "
+                           "verdict (PSNR, vs the seed spread) | paper's direction for the ablated variant |")
+                out.append("|---|---|---|---|---|")
+                for a in ablations:
+                    out.append(f"| {a['ablation']} | {a['psnr']['difference']:+.2f} ± "
+                               f"{a['psnr']['standard_error']:.2f} | {a['fd_patch']['difference']:+.2f} | "
+                               f"{a['psnr']['verdict']} | {a['paper'] or '–'} |")
+                out.append("")
     return "\n".join(out)
 
 
@@ -466,28 +622,32 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.time()
     data = prepare_data(args)
-    tasks = args.tasks.split(",")
+    runs = run_table(args.tasks, args.quick)
     if args.phase in ("all", "train"):
         wanted = set(args.only.split(",")) if args.only else None
-        train_all([r for r in run_table(tasks) if wanted is None or r["name"] in wanted], args, data)
+        train_all([r for r in runs if wanted is None or r["name"] in wanted], args, data)
     if args.phase in ("all", "eval"):
         eval_start = time.time()
-        results, grids = evaluate(args, data)
+        results, grids = evaluate(args, data, runs)
         results["runs"] = {p.parent.name: json.loads(p.read_text())
                            for p in sorted((args.work / "runs").glob("*/done.json"))}
         results["eval_seconds"] = time.time() - eval_start
+        results["verdicts"] = {task: verdicts(aggregate(d["rows"]), task) for task, d in results["tasks"].items()}
+        if "sr" in results["tasks"]:
+            results["ablation_verdicts"] = ablation_verdicts(aggregate(results["tasks"]["sr"]["rows"]))
         out = args.work / "eval" / "metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+        out.write_text(json.dumps(portable(results), indent=1))
         args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / "mini_repro_metrics.json").write_text(json.dumps(portable(results), indent=1))
-        (args.results / "mini_repro_tables.md").write_text(markdown_tables(results))
+        (args.results / f"mini_repro{args.suffix}_metrics.json").write_text(json.dumps(portable(results), indent=1))
+        (args.results / f"mini_repro{args.suffix}_tables.md").write_text(markdown_tables(results))
         from trainer.evaluation.report import write_image_grid
 
         for task, columns in grids.items():
             rows = [list(images) for images in zip(*columns.values())]
-            write_image_grid(list(columns), rows, args.results / f"mini_repro_{task}.png", header_lines=2)
-        print(f"repro: wrote {args.results / 'mini_repro_metrics.json'} and the grids "
+            write_image_grid(list(columns), rows, args.results / f"mini_repro{args.suffix}_{task}.png",
+                             header_lines=2)
+        print(f"repro: wrote {args.results / f'mini_repro{args.suffix}_metrics.json'} and the grids "
               f"({time.time() - start:.0f} s)", flush=True)
     return 0
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from trainer.errors import CodiError
+from trainer.evaluation.options import parse_strengths
 
 
 class ReportError(CodiError):
@@ -49,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", default=None, help="W or W,H (multiples of 8); default: the base's resolution")
     p.add_argument("--steps", default="1,2,4", help="CoDi step counts, comma separated")
     p.add_argument("--reference_steps", type=int, default=None, help="also plain DDIM with the adapter (e.g. 50)")
+    p.add_argument("--hint_start", default=None,
+                   help="sr: also start the largest --steps from the bicubic upsample at these strengths (e.g. 0.5: "
+                        "the last half of the steps, from alpha * bicubic + sigma * noise)")
     p.add_argument("--task", default=None, help="override codi.task from the metadata")
     p.add_argument("--cfg", type=float, default=None, help="default: codi.recommended_cfg")
     p.add_argument("--seed", type=int, default=0)
@@ -65,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--steps must be comma-separated integers, got {args.steps!r}")
     if not args.steps or min(args.steps) < 1:
         p.error("--steps needs at least one positive step count")
+    args.hint_start = parse_strengths(p, "--hint_start", args.hint_start)
     if args.resolution is not None:
         try:
             parts = [int(v) for v in str(args.resolution).split(",")]
@@ -184,7 +189,8 @@ def evaluate(args):
             sampler_mode=codi.sampler_mode, boundary=codi.boundary, sigma_data=codi.sigma_data,
             timestep_scaling=codi.timestep_scaling, seed=args.seed,
             cfg=args.cfg if args.cfg is not None else codi.recommended_cfg, reference_steps=args.reference_steps,
-            device=device, progress=not args.no_progress, batch_size=args.batch_size, edge_kwargs=edge_kwargs)
+            device=device, progress=not args.no_progress, batch_size=args.batch_size, edge_kwargs=edge_kwargs,
+            hint_start=args.hint_start)
     except ValueError as exc:  # pairs or settings the evaluation cannot use
         raise ReportError(str(exc)) from None
     result.settings["adapter_file"] = os.path.basename(str(args.adapter))

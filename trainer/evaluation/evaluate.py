@@ -59,7 +59,7 @@ class EvalPair:
 @dataclass
 class MethodRow:
     method: str                 # "CoDi 1 step", "bicubic", "DDIM 50 steps"
-    kind: str                   # "codi" | "baseline" | "reference"
+    kind: str                   # "codi" | "baseline" | "reference" | "hint_start"
     steps: int | None           # sampling steps (None for the baseline)
     psnr: float
     ssim: float
@@ -80,6 +80,10 @@ class QualityResult:
     pair_names: list[str]
     grid_columns: list[str]                  # header labels
     grid_images: list[list[torch.Tensor]]    # [pair][column] -> [3, H, W] in [0, 1] (first GRID_MAX_PAIRS pairs)
+    # every row's images ([3, H, W] in [0, 1], pair order) by method, and the targets: for metrics over the whole
+    # set (the benchmarks' FD-patch); not written to metrics.json
+    images: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    targets: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     def row(self, method: str) -> MethodRow:
         for r in self.rows:
@@ -238,11 +242,21 @@ def _sync(device) -> None:
 @dataclass
 class _Method:
     label: str
-    kind: str              # "codi" | "reference"
+    kind: str              # "codi" | "reference" | "hint_start"
     steps: int
     timesteps: list[int]
     boundary: bool
     mode: str
+    start: float | None = None  # img2img strength from the condition image (SR: the bicubic upsample); None: noise
+
+
+# tasks whose hint is an image of the target, so sampling can start from it
+HINT_START_TASKS = ("sr",)
+
+
+def hint_start_label(steps: int, strength: float) -> str:
+    """``CoDi 4, bicubic start 0.5``: short enough for a grid column."""
+    return f"CoDi {steps}, bicubic start {strength:g}"
 
 
 @torch.no_grad()
@@ -253,7 +267,7 @@ def evaluate_adapter(base, adapter, pairs: Sequence[EvalPair], *, task: str, ste
                      batch_size: int = 8, baseline_label: str | None = None,
                      edge_detector: Callable[[torch.Tensor], torch.Tensor] | None = None,
                      edge_kwargs: dict | None = None, negative_prompt: str = "",
-                     encode_text: Callable | None = None) -> QualityResult:
+                     encode_text: Callable | None = None, hint_start: Sequence[float] = ()) -> QualityResult:
     """Score ``adapter`` (over ``base``, a ``trainer.models.BaseModel``) on ``pairs``.
 
     Every pair is sampled at each of ``steps`` CoDi steps (``codi_timesteps(steps, grid)``, boundary scalings as
@@ -267,7 +281,11 @@ def evaluate_adapter(base, adapter, pairs: Sequence[EvalPair], *, task: str, ste
     The models must already be on ``device`` (default: the UNet's device) and in their compute dtype; a half
     precision UNet runs under autocast. With a jointly trained UNet LoRA, put its EMA weights in place first (the
     trainer's ``EmaUnetLora``). Call it on the main process only. ``encode_text`` replaces ``base.encode_text``
-    (e.g. the trainer's text-encoder output cache once the encoders are freed)."""
+    (e.g. the trainer's text-encoder output cache once the encoders are freed).
+
+    ``hint_start`` (SR only): extra rows that start the largest of ``steps`` from the condition instead of pure
+    noise, one per strength s: ``z = alpha_t * encode(bicubic) + sigma_t * noise`` at the first of the last
+    ``round(s * steps)`` grid timesteps, which are the only ones run (``ccd_sampler.sample``'s img2img)."""
     if base.vae is None and getattr(base, "latent_downscale", 8) != 1:  # pixel-space bases decode with the identity
         raise ValueError("the base model has no VAE: the quality report needs one to decode the samples")
     _validate(pairs, task)
@@ -281,6 +299,16 @@ def evaluate_adapter(base, adapter, pairs: Sequence[EvalPair], *, task: str, ste
             edge_description = getattr(edge_detector, "__name__", "custom edge detector")
     methods = [_Method(step_label(n), "codi", n, cs.codi_timesteps(n, grid=grid), boundary, sampler_mode)
                for n in steps]
+    if hint_start:
+        if task not in HINT_START_TASKS:
+            raise ValueError(f"starting from the condition needs a hint that is an image of the target "
+                             f"({', '.join(HINT_START_TASKS)}), not task {task!r}")
+        n = max(steps)
+        for strength in hint_start:
+            if not 0.0 < float(strength) <= 1.0:
+                raise ValueError(f"a start strength must be in (0, 1], got {strength}")
+            methods.append(_Method(hint_start_label(n, float(strength)), "hint_start", n,
+                                   cs.codi_timesteps(n, grid=grid), boundary, sampler_mode, start=float(strength)))
     if reference_steps:
         methods.append(_Method(step_label(int(reference_steps), "DDIM"), "reference", int(reference_steps),
                                reference_timesteps(int(reference_steps), grid), False, "ode"))
@@ -305,7 +333,8 @@ def evaluate_adapter(base, adapter, pairs: Sequence[EvalPair], *, task: str, ste
         scores = scorer.per_image(outputs[m.label])
         rows.append(MethodRow(m.label, m.kind, m.steps, _mean(scores["psnr"]), _mean(scores["ssim"]),
                               _mean(scores["task_metric"]) if "task_metric" in scores else None,
-                              evals[m.label] / len(pairs), seconds[m.label] / len(pairs), list(m.timesteps), scores))
+                              evals[m.label] / len(pairs), seconds[m.label] / len(pairs),
+                              cs.img2img_timesteps(m.timesteps, m.start) if m.start else list(m.timesteps), scores))
 
     shown = list(range(min(GRID_MAX_PAIRS, len(pairs))))
     first = "low-res input" if pairs[0].low_res is not None else FIRST_COLUMN_LABELS.get(task, "hint")
@@ -319,13 +348,14 @@ def evaluate_adapter(base, adapter, pairs: Sequence[EvalPair], *, task: str, ste
                 "prediction_type": base.prediction_type, "architecture": getattr(base, "architecture", None),
                 "base_model": getattr(base, "source", None), "adapter_type": getattr(adapter, "adapter_type", None),
                 "dtype": str(base.unet.dtype).replace("torch.", ""), "batch_size": batch_size,
-                "psnr_cap_db": PSNR_CAP_DB, "baseline": baseline_label}
+                "psnr_cap_db": PSNR_CAP_DB, "baseline": baseline_label, "hint_start": [float(x) for x in hint_start]}
     if edge_description:
         settings["edge_detector"] = edge_description
         settings["edge_tolerance_px"] = EDGE_TOLERANCE
     return QualityResult(task=task, task_metric_name=TASK_METRICS.get(task), rows=rows, settings=settings,
                          machine=machine_info(device), pair_names=[p.name or f"pair {i}" for i, p in enumerate(pairs)],
-                         grid_columns=columns, grid_images=grid_images)
+                         grid_columns=columns, grid_images=grid_images,
+                         images={baseline_label: baselines, **outputs}, targets=targets)
 
 
 def _sample_methods(base, adapter, pairs, groups, methods: list[_Method], *, device, seed: int, cfg: float,
@@ -354,10 +384,15 @@ def _sample_methods(base, adapter, pairs, groups, methods: list[_Method], *, dev
     def run(method: _Method, timesteps, noise, cond, uncond, first_pair: int) -> torch.Tensor:
         """One batch sampled with one method, decoded to images in [0, 1] on the CPU."""
         generator = torch.Generator().manual_seed(seed + 7919 * (first_pair + 1))
+        init = {}
+        if method.start is not None:  # the SR hint is the bicubic upsample in [0, 1]
+            hint = cond["hint"]
+            init = {"init_image": base.encode_pixels(hint * 2 - 1).to(noise.dtype), "strength": method.start}
         with autocast:
             latents = cs.sample(denoise, noise, timesteps, base.prediction_type, schedule=schedule,
                                 mode=method.mode, cond=cond, uncond=uncond, cfg=cfg, generator=generator,
-                                boundary=method.boundary, sigma_data=sigma_data, timestep_scaling=timestep_scaling)
+                                boundary=method.boundary, sigma_data=sigma_data, timestep_scaling=timestep_scaling,
+                                **init)
         image = base.decode_latents(latents)  # in the VAE's own dtype: SDXL's overflows under fp16 autocast
         return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
 

@@ -123,7 +123,7 @@ def write_plot(result: QualityResult, path) -> Path:
         metrics.append(("task_metric", result.task_metric_name))
     fig = Figure(figsize=(4.2 * len(metrics), 3.6), dpi=100, layout="constrained")
     axes = fig.subplots(1, len(metrics))
-    styles = {"baseline": ("tab:gray", "--"), "reference": ("tab:red", ":")}
+    styles = {"baseline": ("tab:gray", "--"), "reference": ("tab:red", ":"), "hint_start": ("tab:green", "-.")}
     xs = [r.steps for r in codi]
     for ax, (key, name) in zip(axes, metrics):
         ax.plot(xs, [getattr(r, key) for r in codi], "o-", color="tab:blue", label="CoDi")
@@ -173,6 +173,10 @@ def write_report(result: QualityResult, out_dir, *, title: str = "CoDi quality r
         shown = ", ".join(map(str, ts)) if len(ts) <= 6 else f"{ts[0]}, {ts[1]}, {ts[2]}, …, {ts[-1]}"
         lines.append(f"- {ref.method}: the same adapter sampled with plain DDIM (ODE, no boundary scalings) at "
                      f"timesteps {shown}.")
+    for r in (r for r in result.rows if r.kind == "hint_start"):
+        lines.append(f"- {r.method}: the same {r.steps}-step grid started from the bicubic upsample instead of "
+                     f"noise (img2img: alpha·bicubic + sigma·noise at the first of the last round(strength × "
+                     f"{r.steps}) grid timesteps: t = {', '.join(map(str, r.timesteps))}).")
     lines.append(f"- {s['baseline']}: the trivial baseline (no network). PSNR/SSIM on [0, 1] images (data range 1), "
                  f"averaged per image; per-image PSNR capped at {s['psnr_cap_db']:.0f} dB. SSIM: 11×11 Gaussian "
                  "window, σ 1.5.")

@@ -80,6 +80,16 @@ class BaseModel:
         return self.vae.decode(latents.to(self.vae.dtype) / self.vae_scaling_factor).sample
 
     @torch.no_grad()
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images in [-1, 1] (the VAE posterior's mean, scaled; a pixel-space base: the pixels times the
+        scaling factor): where an img2img start comes from."""
+        if self.vae is None:
+            if self.latent_downscale != 1:
+                raise ValueError(f"{self.source}: no VAE to encode the images with (pass --vae)")
+            return images * self.vae_scaling_factor
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean * self.vae_scaling_factor
+
+    @torch.no_grad()
     def encode_text(self, prompts: list[str] | str, device=None, size: int | tuple[int, int] | None = None) -> dict:
         """UNet conditioning for ``prompts``: ``{"encoder_hidden_states": [B, 77, D]}``, and for SDXL also
         ``"added_cond_kwargs": {"text_embeds": [B, P], "time_ids": [B, 6]}`` with time ids (original size, crop

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import tomllib
 
+from trainer.evaluation.options import parse_strengths
+
 OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Lion", "Adafactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LIST_FLAGS = ("optimizer_args", "condition_args")  # nargs="*" flags, lists in TOML
@@ -182,6 +184,9 @@ def _quality_report_flags(g) -> None:
     g.add_argument("--quality_reference_steps", type=int, default=None,
                    help="also sample the same adapter with plain DDIM at this many steps (e.g. 50)")
     g.add_argument("--quality_max_pairs", type=int, default=16, help="validation pairs scored at most")
+    g.add_argument("--quality_hint_start", type=str, default=None,
+                   help="sr: also start the largest report step count from the bicubic upsample at these "
+                        "strengths (e.g. 0.5)")
 
 
 def _logging_flags(g) -> None:
@@ -441,6 +446,9 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     args.quality_report_steps = _numbers(parser, "quality_report_steps", args.quality_report_steps, int, "1,2,4")
     if min(args.quality_report_steps) < 1:
         parser.error(f"--quality_report_steps must be positive, got {args.quality_report_steps}")
+    args.quality_hint_start = parse_strengths(parser, "--quality_hint_start", args.quality_hint_start)
+    if args.quality_hint_start and args.task != "sr":
+        parser.error("--quality_hint_start starts sampling from the bicubic upsample: it needs --task sr")
     if args.quality_report and not (args.validation_split or args.validation_data_dir):
         parser.error("--quality_report scores held-out pairs: add --validation_split 0.1 or --validation_data_dir")
     needs_model = args.output_config is None

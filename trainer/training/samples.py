@@ -86,6 +86,7 @@ def run_quality_report(networks: Networks, ema: cs.EMA, codi: CodiSettings, repo
                                   sampler_mode=codi.sample_sampler, boundary=codi.boundary,
                                   sigma_data=codi.sigma_data, timestep_scaling=codi.timestep_scaling, seed=seed,
                                   reference_steps=report.quality_reference_steps, device=device,
-                                  encode_text=encode_text, cfg=recommended_cfg(codi))
+                                  encode_text=encode_text, cfg=recommended_cfg(codi),
+                                  hint_start=report.quality_hint_start)
     return write_report(result, Path(out_dir) / f"{name}-report",
                         title=f"CoDi quality report: {name} ({codi.task}, step {ema.num_updates})")

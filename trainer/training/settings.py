@@ -161,6 +161,7 @@ class ReportSettings:
     quality_report_steps: tuple[int, ...] = (1, 2, 4)
     quality_reference_steps: int | None = None
     quality_max_pairs: int = 16
+    quality_hint_start: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
