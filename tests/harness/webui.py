@@ -229,12 +229,14 @@ class WebUIServer:
             if self.process.poll() is not None:
                 raise AssertionError(f"{NAMES[self.kind]} exited with {self.process.returncode} during start-up; "
                                      f"log {self.log_path}:\n{self.log_tail()}")
-            status, _ = self.get(READY_PATH, timeout=10, quiet=True)
-            # with the page the UIs serve requests before their extensions' app_started callbacks have added
-            # their routes (/controlnet/*); both print the startup time after those callbacks
-            if (status == 200 and (not self.webui or self.get_text("/", timeout=10)[0] == 200)
-                    and STARTED_LINE in self.log_text()):
-                return
+            # No request before the UI prints its startup time: with the page, the Gradio app serves while the UI
+            # still adds its API, and A1111 then dies on "Cannot add middleware after an application has started"
+            # (the first request builds the middleware stack); the extensions' routes (/controlnet/*) also come
+            # only with the app_started callbacks, which both UIs run before that line.
+            if STARTED_LINE in self.log_text():
+                status, _ = self.get(READY_PATH, timeout=10, quiet=True)
+                if status == 200 and (not self.webui or self.get_text("/", timeout=10)[0] == 200):
+                    return
             if time.monotonic() > deadline:
                 raise AssertionError(f"{NAMES[self.kind]} did not answer {READY_PATH} within {self.start_timeout:.0f}"
                                      f" s; log {self.log_path}:\n{self.log_tail()}")
