@@ -303,7 +303,11 @@ def a1111(tmp_path_factory):
     checkpoint = build_full_sd15(root / "full_sd15.safetensors")
     adapters = write_adapters(checkpoint.unet, root / "adapters")
     del checkpoint.unet
-    yield from serve("a1111", checkpoint.path, adapters, root)
+    try:
+        yield from serve("a1111", checkpoint.path, adapters, root)
+    finally:  # ~3.4 GB: pytest keeps the last three runs' temporary folders, which would fill a small disk
+        checkpoint.path.unlink(missing_ok=True)
+        shutil.rmtree(root / "adapters", ignore_errors=True)
 
 
 def test_a1111_lists_the_samplers_and_preprocessors(a1111):
