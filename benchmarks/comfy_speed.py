@@ -376,16 +376,12 @@ def write_report(out: Path, res: dict, args, size: int, seconds: float, load_sta
     if not args.full:
         lines += [
             "",
-            "## Full-size SD1.5 (`--full`): not run on this machine",
+            "## Full-size SD1.5 (`--full`)",
             "",
-            "Estimate measured here: one forward of the full-size SD1.5 UNet (diffusers, random weights) at a 64x64 "
-            "latent (512x512 output) takes 6.6 s with 1 thread and 6.2 s with 2 threads on these 2 cores; the "
-            "ControlNet (the UNet's encoder half) adds about 40 %, so ~9 s per model call. One stock 50-step image "
-            "is then ~7.5 minutes and the full comparison (warm-up + repetitions of 7 graphs, 50 + 50 + 100-row "
-            "stock runs) well over an hour -- beyond the ~15 minutes this CPU benchmark may take, so the committed "
-            "numbers are the micro model's. `python benchmarks/comfy_speed.py --full --reps 1 --no-cfg75` runs it "
-            "(about 20-25 minutes here); on the full model the fixed cost d above (VAE decode of 512x512 excepted) "
-            "is small next to 4 or 50 model calls.",
+            "On the full-size model the model calls dominate both graphs and the wall-clock ratio approaches the NFE "
+            "ratio. `python benchmarks/comfy_speed.py --full --reps 1 --no-cfg75 --out "
+            "benchmarks/results/comfy_speed_full.md` measures it (about 40 minutes on 2 CPU cores: ~13 s per model "
+            "call at 512x512 with one thread); the committed run is `comfy_speed_full.md` beside this file.",
         ]
     lines += [
         "",
