@@ -9,8 +9,8 @@ held-out photos.
 Steps:
 
 1. data: seeded 64x64 crops (``photos.write_crops``) of the base's **train** split (``--train_crops`` 1024, seed
-   ``--seed``) and of its held-out **test** split (``--test_crops`` 16, seed ``--seed`` + 1) as PNGs in
-   ``<out>/data/train`` and ``<out>/data/test`` (64 test crops);
+   ``--seed``) and of its held-out **test** split (``--test_crops`` 64, seed ``--seed`` + 1) as PNGs in
+   ``<out>/data/train`` and ``<out>/data/test``;
 2. training: ``trainer.training.main.main`` with the benchmark's PE-CoDi SR settings (task ``sr`` at scale 4 with the
    trainer's degradation chain, ControlNet adapter with a 16,32 hint CNN, batch 8, ``--steps`` 300, lr 1e-3, EMA 0.99);
    a resumable state is saved every ``--save_every`` (50) steps, so an interrupted demo continues from the last

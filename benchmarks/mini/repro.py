@@ -311,7 +311,6 @@ def generate(base, adapter, pairs, plan: dict, seed: int, batch: int, grid: int 
 
     timesteps = reference_timesteps(plan["steps"], grid)
     schedule = base.noise_schedule()
-    scale = base.vae_scaling_factor  # pixel-space base: latents = pixels in [-1, 1] times this
     calls = {"n": 0}
 
     def denoise(z, t, cond):
@@ -327,7 +326,7 @@ def generate(base, adapter, pairs, plan: dict, seed: int, batch: int, grid: int 
         generator = torch.Generator().manual_seed(seed + 7919 * (start + 1))
         init = {}
         if plan.get("start"):
-            init = {"init_image": (hint * 2 - 1) * scale, "strength": plan["start"]}
+            init = {"init_image": base.encode_pixels(hint * 2 - 1), "strength": plan["start"]}
         tic = time.perf_counter()
         with torch.no_grad():
             out = cs.sample(denoise, noise, timesteps, base.prediction_type, schedule=schedule, mode=plan["mode"],
@@ -415,7 +414,8 @@ def evaluate(args, data, runs: list[dict]) -> tuple[dict, dict]:
             loaded[run] = load_run(args.work, run, args.base)
         return loaded[run]
 
-    grid_of = {r["name"]: 20 if "--distill_grid" in r["flags"] else 50 for r in runs}
+    grid_of = {r["name"]: int(r["flags"][r["flags"].index("--distill_grid") + 1]) for r in runs
+               if "--distill_grid" in r["flags"]}
     for task in args.tasks:
         pairs = evaluation_pairs(task, data["test"], args.seed)
         noises = starting_noise(args.seed, range(len(pairs)))  # what generate() starts each crop from
@@ -425,8 +425,9 @@ def evaluate(args, data, runs: list[dict]) -> tuple[dict, dict]:
                      "seconds_per_image": 0.0, **score(base_imgs, pairs, task, feature_net)})
         grid_columns = {"condition": [condition_image(p, task) for p in pairs[:GRID_ROWS]],
                         rows[0]["method"]: base_imgs[:GRID_ROWS]}
-        plans = sorted(sampling_plans(task, runs), key=lambda p: str(p["run"]))
-        for plan in plans:
+        # evaluated run by run (each run's models load once), reported in the plans' (the paper's) order
+        evaluated = []
+        for index, plan in sorted(enumerate(sampling_plans(task, runs)), key=lambda ip: str(ip[1]["run"])):
             models = models_of(plan["run"])
             if models is None:
                 continue
@@ -439,12 +440,15 @@ def evaluate(args, data, runs: list[dict]) -> tuple[dict, dict]:
             if plan.get("start"):
                 row["start_strength"] = plan["start"]
                 row["steps"] = nfe
-            rows.append(row)
             print(f"repro: {task} {plan['method']} {row['steps']} steps (seed {seed}): PSNR {row['psnr']:.2f} "
                   f"FD-patch {row['fd_patch']:.2f} colour corr {row['colour_corr_min']:.2f} "
                   f"({spi * 1000:.1f} ms/img)", flush=True)
-            if seed == 0 and (plan["method"], plan["steps"]) in GRID_METHODS:
-                grid_columns[f"{plan['method']} {plan['steps']}"] = images[:GRID_ROWS]
+            shown = seed == 0 and (plan["method"], plan["steps"]) in GRID_METHODS
+            evaluated.append((index, row, images[:GRID_ROWS] if shown else None))
+        for _, row, shown in sorted(evaluated, key=lambda e: e[0]):
+            rows.append(row)
+            if shown is not None:
+                grid_columns[f"{row['method']} {row['steps']}"] = shown
         grid_columns["ground truth"] = [p.target.float() for p in pairs[:GRID_ROWS]]
         results["tasks"][task] = {"pairs": len(pairs), "rows": rows}
         grids[task] = grid_columns

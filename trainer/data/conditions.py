@@ -56,7 +56,6 @@ __all__ = [
     "tensor_to_hint",
 ]
 
-#: Super-resolution factors the ``sr`` builder supports.
 #: Smallest side (pixels) of a target, and of the low-res image an ``sr`` builder makes.
 MIN_IMAGE_SIZE = 8
 

@@ -179,9 +179,6 @@ def prepare_training(run: Run) -> None:
                 f"{run.position})")
     if accelerator.is_main_process and settings.run.log_with:
         accelerator.init_trackers(settings.run.log_prefix or "codi", config=settings.flags)
-    if settings.samples.sample_prompts:
-        run.sample_prompts = read_prompt_file(settings.samples.sample_prompts,
-                                              max_steps=min(8, settings.codi.distill_grid))
 
 
 def expected_output_bytes(run: Run) -> int:
@@ -387,18 +384,20 @@ def train(settings: Settings) -> dict:
     main_process = int(os.environ.get("RANK", "0")) == 0
     if not settings.run.dry_run:
         guard.check_output_folder(settings.save.output_dir)
+    prompts = None
     if settings.samples.sample_prompts:  # every line checked before the models load
-        read_prompt_file(settings.samples.sample_prompts, max_steps=min(8, settings.codi.distill_grid))
+        prompts = read_prompt_file(settings.samples.sample_prompts, max_steps=min(8, settings.codi.distill_grid))
     lock = guard.OutputLock(settings.save.output_dir, settings.save.output_name) \
         if main_process and not settings.run.dry_run else contextlib.nullcontext()
     with lock, guard.Interrupts() as interrupts:
-        return _train(settings, interrupts)
+        return _train(settings, interrupts, prompts)
 
 
-def _train(settings: Settings, interrupts: guard.Interrupts) -> dict:
+def _train(settings: Settings, interrupts: guard.Interrupts, sample_prompts: list | None) -> dict:
     from tqdm.auto import tqdm
 
     run = start_run(settings)
+    run.sample_prompts = sample_prompts
     networks, accelerator = run.networks, run.accelerator
     base = networks.base
     n_trainable, n_frozen = memory.count_parameters([base.unet, networks.adapter, *base.text_encoders, base.vae])
