@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from .boundary import DEFAULT_SIGMA_DATA, DEFAULT_TIMESTEP_SCALING, apply_boundary
+from .sampling import SAMPLER_MODES
 
 
 def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
@@ -129,8 +130,8 @@ def sample_sigma_space(model, x: torch.Tensor, sigmas: torch.Tensor, mode: str =
     instead. ``noise()`` returns fresh ``N(0, I)`` noise like ``x`` (the host's seeded generator). ``callback``
     gets k-diffusion's ``{"x", "i", "sigma", "sigma_hat", "denoised"}``; ``progress`` wraps ``range`` (a progress
     bar)."""
-    if mode not in ("ode", "consistency"):
-        raise ValueError(f"CoDi sampler mode must be 'ode' or 'consistency', got {mode!r}")
+    if mode not in SAMPLER_MODES:
+        raise ValueError(f"CoDi sampler mode must be one of {SAMPLER_MODES}, got {mode!r}")
     if mode == "consistency" and noise is None:
         raise ValueError("the consistency mode needs a noise source")
     extra_args = {} if extra_args is None else extra_args

@@ -56,10 +56,6 @@ def unit_model(unit) -> str | None:
     return None if model in (None, "", "None", "none") else str(model)
 
 
-def unit_module(unit) -> str:
-    return str(_field(unit, "module", "None") or "None")
-
-
 def known_model_files() -> dict[str, str]:
     """``"name [hash]" -> path`` of the ControlNet models the running UI lists."""
     for module_name, attribute in REGISTRIES:

@@ -192,8 +192,8 @@ def register_mikubill() -> bool:
                      **kwargs):
             return self.cached_call(input_image, slider_1=slider_1, slider_2=slider_2).value
 
-    for name, tags in (("codi_sr", ["CoDi"]), ("codi_inpaint", ["CoDi"]), ("codi_canny", ["CoDi"])):
-        processor = CoDiPreprocessor(name, tags)
+    for name in NAMES:
+        processor = CoDiPreprocessor(name, ["CoDi"])
         Preprocessor.all_processors[processor.label] = processor
         Preprocessor.all_processors_by_name[processor.name] = processor
     return True

@@ -47,9 +47,11 @@ def active_plan(steps: int, mode: str) -> CoDiPlan:
 
 
 def timesteps_of(model_wrap, sigmas: torch.Tensor) -> torch.Tensor:
-    """The integer training timestep of each sigma: Forge's ``sigma_to_t`` returns it; A1111's interpolates in
-    log-sigma (exact on the grid up to rounding), so it is rounded."""
-    return torch.as_tensor(model_wrap.sigma_to_t(sigmas.float())).float().round()
+    """The integer training timestep of each sigma, on the CPU: Forge's ``sigma_to_t`` returns it; A1111's
+    interpolates in log-sigma (exact on the grid up to rounding), so it is rounded. The sigmas go to the device of
+    the model's sigma table first: A1111 subtracts them from it as they are."""
+    sigmas = sigmas.float().to(model_wrap.sigmas.device)
+    return torch.as_tensor(model_wrap.sigma_to_t(sigmas)).float().round().cpu()
 
 
 def _is_txt2img_start(p) -> bool:
@@ -89,7 +91,7 @@ def sample_codi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     model_wrap = model.inner_model
     p = getattr(model, "p", None)
     plan = active_plan(int(getattr(p, "steps", 0) or len(sigmas) - 1), mode)
-    mode = plan.mode if CURRENT.plan is not None else mode
+    mode = plan.mode
     check_schedule(plan, model_wrap)
     if _is_txt2img_start(p):
         sigma0 = float(sigmas[0])
@@ -101,14 +103,14 @@ def sample_codi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     meta = plan.metadata
     if meta.boundary:
         def boundary(x, denoised, sigma):
-            t = timesteps_of(model_wrap, sigma.reshape(-1).cpu())
+            t = timesteps_of(model_wrap, sigma.reshape(-1))
             return boundary_denoised(x, denoised, sigma, t, True, meta.sigma_data, meta.timestep_scaling)
     else:
         boundary = None
     result = sample_sigma_space(model, x, sigmas, mode, extra_args, callback, lambda: _seeded_randn_like(x),
                                 boundary, _progress(disable))
     logger.info("CoDi: %d steps (%s, boundary %s), t = %s, sigmas %s", len(sigmas) - 1, mode,
-                "on" if meta.boundary else "off", timesteps_of(model_wrap, sigmas[:-1].cpu()).long().tolist(),
+                "on" if meta.boundary else "off", timesteps_of(model_wrap, sigmas[:-1]).long().tolist(),
                 [round(float(s), 4) for s in sigmas])
     _trace(start, sigmas, model_wrap, result, extra_args)
     return result
@@ -126,7 +128,7 @@ def img2img_schedule(model, x, sigmas, plan: CoDiPlan, p):
         return x, sigmas
     model_wrap = model.inner_model
     wanted = img2img_timesteps(plan.timesteps, strength)
-    if timesteps_of(model_wrap, sigmas[:-1].cpu()).long().tolist() == wanted:
+    if timesteps_of(model_wrap, sigmas[:-1]).long().tolist() == wanted:
         return x, sigmas
     noise = (x - init.to(x)) / sigmas[0]
     kept = grid_sigmas(model_wrap.sigmas.detach().float().cpu(), wanted).to(x.device)
@@ -175,7 +177,7 @@ def _trace(start, sigmas, model_wrap, result, extra_args) -> None:
         return
     from safetensors.torch import save_file
 
-    tensors = {"x_start": start, "sigmas": sigmas, "timesteps": timesteps_of(model_wrap, sigmas[:-1].cpu()),
+    tensors = {"x_start": start, "sigmas": sigmas, "timesteps": timesteps_of(model_wrap, sigmas[:-1]),
                "result": result, "sigma_table": model_wrap.sigmas}
     try:
         from modules import prompt_parser

@@ -14,6 +14,7 @@ if ROOT not in sys.path:  # A1111 puts an extension's root on sys.path only whil
 import gradio as gr  # noqa: E402
 from modules import script_callbacks, scripts  # noqa: E402
 
+from ccd_sampler.grids import MAX_STEPS  # noqa: E402
 from codi_webui import panel, preprocessors, sampling  # noqa: E402
 from codi_webui.plan import INFOTEXT_KEYS, MODE_CHOICES, PanelSettings  # noqa: E402
 
@@ -36,7 +37,7 @@ class CoDiScript(scripts.Script):
                         "(0 / auto below = the adapter's).")
             enabled = gr.Checkbox(value=True, label="Use the adapter's settings", elem_id=self.elem_id("enabled"))
             with gr.Row():
-                steps = gr.Slider(0, 8, value=0, step=1, label="Steps", elem_id=self.elem_id("steps"))
+                steps = gr.Slider(0, MAX_STEPS, value=0, step=1, label="Steps", elem_id=self.elem_id("steps"))
                 cfg = gr.Slider(0.0, 15.0, value=0.0, step=0.5, label="CFG", elem_id=self.elem_id("cfg"))
                 mode = gr.Dropdown(list(MODE_CHOICES), value="auto", label="Mode", elem_id=self.elem_id("mode"))
         # pasting a CoDi infotext switches the panel on and restores its values; any other infotext leaves it

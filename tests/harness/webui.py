@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from harness.comfyui import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("forge", "a1111")
@@ -93,12 +94,6 @@ def require_webui(kind: str) -> Path:
 
 def venv_python(ui_dir: Path) -> Path:
     return ui_dir / "venv" / "bin" / "python"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def server_env(ui_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
