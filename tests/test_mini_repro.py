@@ -32,6 +32,10 @@ def test_run_table_shares_one_budget_seeds_the_headline_rows_and_orders_dependen
     seeds = {(r["task"], r["method"]): sorted(x["seed"] for x in runs if (x["task"], x["method"]) ==
                                               (r["task"], r["method"])) for r in runs}
     assert seeds[("sr", "pe_codi")] == seeds[("sr", "controlnet")] == seeds[("inpaint", "pe_codi")] == [0, 1, 2]
+    assert seeds[("sr", "codi_lora")] == [0, 1, 2] and seeds[("gray", "pe_codi")] == [0]
+    # seed by seed: every method's seed 0 before any seed 1, so a stopped benchmark has whole rows
+    sr_order = [(r["seed"], r["method"]) for r in runs if r["task"] == "sr" and r["method"] != "ablation"]
+    assert sr_order.index((0, "codi_lora")) < sr_order.index((1, "controlnet"))
     assert len([r for r in runs if r["method"] == "ablation"]) == len(repro.ABLATIONS)
     plans = repro.sampling_plans("sr", runs)
     main = [p for p in plans if p["table"] == "main"]
@@ -39,7 +43,8 @@ def test_run_table_shares_one_budget_seeds_the_headline_rows_and_orders_dependen
     assert [p["steps"] for p in main if p["run"] == "sr_controlnet_seed1"] == [50, 4]
     assert {p["start"] for p in plans if p["table"] == "supplementary"} == {1.0, 0.5}
     quick = repro.run_table(["sr"], quick=True)
-    assert {r["method"] for r in quick} == {"controlnet", "pe_codi", "codi_lora", "two_stage"}
+    assert {r["method"] for r in quick} == {"controlnet", "pe_codi", "codi_lora", "two_stage", "base"}
+    assert [r["name"] for r in quick if not r.get("train", True)] == ["sr_base_alone"]  # sampled, never trained
     assert {r["seed"] for r in quick} == {0}
 
 
@@ -60,7 +65,7 @@ def test_verdicts_take_the_seed_spread_into_account():
     assert repro.compare(entries[1], entries[2])["verdict"] == "worse"
 
 
-def test_repro_trains_resumes_and_evaluates(tmp_path):
+def test_repro_trains_resumes_scores_into_the_ledger_and_skips_what_it_holds(tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
     args = [*TINY, "--work", str(work), "--results", str(results)]
     only = ["--only", "sr_controlnet_seed0,sr_two_stage_seed0"]
@@ -78,26 +83,50 @@ def test_repro_trains_resumes_and_evaluates(tmp_path):
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert str(REPO) not in json.dumps(record)  # no machine-specific path in what gets committed
 
+    # scoring: every trained run (and the sampling-only base run) in its own process, into the ledger
     assert repro.main([*args, "--phase", "eval"]) == 0
+    ledger = results / "mini_repro_runs"
+    assert {p.name for p in ledger.glob("*.json")} == {"sr_controlnet_seed0.json", "sr_two_stage_seed0.json",
+                                                       "sr_base_alone.json"}
     metrics = json.loads((results / "mini_repro_metrics.json").read_text())
     rows = metrics["tasks"]["sr"]["rows"]
-    methods = {(r["method"], r["steps"]) for r in rows}
-    assert ("bicubic", 0) in methods and ("ControlNet (DDIM)", 50) in methods
-    assert ("Two-stage (ControlNet + LCM)", 4) in methods
-    assert not any(r["method"] == "PE-CoDi" for r in rows)  # not trained here: skipped, not invented
+    methods = [(r["method"], r["steps"]) for r in rows if r["table"] == "main"]
+    # the paper's order, whatever order the runs were scored in
+    assert methods == [("bicubic", 0), *(("ControlNet (DDIM)", n) for n in (50, 8, 4, 2, 1)),
+                       ("Two-stage (ControlNet + LCM)", 4)]
+    assert "sr_pe_codi_seed0" in metrics["missing"]  # not trained here: listed, not invented
     supplementary = [r for r in rows if r["table"] == "supplementary"]
     assert {r["start_strength"] for r in supplementary} == {1.0, 0.5}
     assert {r["nfe"] for r in supplementary} == {4, 2}  # strength 0.5 keeps the last 2 of the 4 steps
+    assert {r["method"].split(": ")[1] for r in supplementary} == {"base alone", "ControlNet (DDIM)"}
     for row in rows:
         assert row["psnr"] > 5 and 0 < row["ssim"] <= 1 and row["fd_patch"] >= 0
         assert len(row["colour_corr"]) == 3 and -1 <= row["colour_corr_min"] <= 1
     assert {r["nfe"] for r in rows if r["method"] == "ControlNet (DDIM)"} == {50, 8, 4, 2, 1}
-    assert (results / "mini_repro_sr.png").stat().st_size > 1000
+    grid_png = results / "mini_repro_sr.png"
+    assert grid_png.stat().st_size > 1000
     tables = (results / "mini_repro_tables.md").read_text()
     assert "| 50 | ControlNet (DDIM) | 1 |" in tables and "sampling from alpha * bicubic" in tables
     assert str(REPO) not in (results / "mini_repro_metrics.json").read_text()
-    with pytest.raises(SystemExit, match="needs"):
-        repro.main([*args, "--phase", "train", "--only", "sr_two_stage_seed0", "--work", str(tmp_path / "empty")])
+    assert str(REPO) not in (ledger / "sr_controlnet_seed0.json").read_text()
+
+    # the ledger outlives the work folder: a new session with none trains nothing already scored, and assembles
+    # the same tables and grid from the ledger alone
+    grid_before = grid_png.read_bytes()
+    fresh = [*TINY, "--work", str(tmp_path / "fresh"), "--results", str(results)]
+    assert repro.main([*fresh, *only]) == 0
+    assert not (tmp_path / "fresh" / "runs").exists()
+    assert json.loads((results / "mini_repro_metrics.json").read_text())["tasks"]["sr"]["rows"] == rows
+    assert grid_png.read_bytes() == grid_before
+    # ...but entries made under other settings are not reused
+    other = [*fresh, "--steps", "1", "--results", str(results)]
+    assert repro.main([*other, "--phase", "tables"]) == 0
+    assert "sr_controlnet_seed0" in json.loads((results / "mini_repro_metrics.json").read_text())["missing"]
+    # a two-stage run whose ControlNet came from the ledger trains that ControlNet again first
+    (ledger / "sr_two_stage_seed0.json").unlink()
+    assert repro.main([*fresh, *only]) == 0
+    assert (tmp_path / "fresh" / "runs" / "sr_controlnet_seed0" / "done.json").is_file()
+    assert (ledger / "sr_two_stage_seed0.json").is_file()
 
 
 def test_colour_statistics_split_the_error_and_find_where_the_colour_comes_from():

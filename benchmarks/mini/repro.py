@@ -54,19 +54,19 @@ TASK_FLAGS = {"sr": ["--task", "sr", "--sr_scale", "4"], "inpaint": ["--task", "
 TASK_NAMES = {"sr": "4x super-resolution", "inpaint": "Inpainting", "gray": "Colorization (gray)"}
 METHOD_FLAGS = {"controlnet": ["--loss", "diffusion"], "pe_codi": [], "codi_lora": ["--unet_lora_dim", "16"],
                 "two_stage": ["--ode_model", "teacher", "--guidance_weight", "0"]}
-# seeds per (task, method): the headline rows of SR and inpainting with three, the rest with one
-SEEDS = {"sr": {"controlnet": 3, "pe_codi": 3, "codi_lora": 3, "two_stage": 3},
+# Seeds per (task, method). The rows the paper's claims compare (ControlNet 50/4, PE-CoDi and CoDi + UNet LoRA at 4)
+# train three seeds on SR, the two most compared ones (ControlNet, PE-CoDi) three on inpainting; the two-stage baseline,
+# far from the others in every measurement so far, and the third task train one. That keeps the whole protocol near
+# the ~4 h budget on two cores (benchmarks/results/mini_repro.md has the measured times).
+SEEDS = {"sr": {"controlnet": 3, "pe_codi": 3, "codi_lora": 3, "two_stage": 1},
          "inpaint": {"controlnet": 3, "pe_codi": 3, "codi_lora": 1, "two_stage": 1},
          "gray": {"controlnet": 1, "pe_codi": 1, "codi_lora": 1, "two_stage": 1}}
+# The paper's ablations (SR, PE-CoDi at 4 steps, seed 0), one flag each against the defaults.
 ABLATIONS = {"ode_base": (["--ode_model", "base"], "ODE model = frozen base"),
              "eps_space": (["--consistency_space", "eps"], "eps-space consistency"),
              "per_sample_t": (["--shared_timestep", "false"], "one t per sample"),
              "lambda_0.1": (["--guidance_weight", "0.1"], "lambda = 0.1"),
-             "grid_20": (["--distill_grid", "20"], "grid N = 20"),
-             "min_snr_truncated": (["--min_snr_gamma", "5", "--min_snr_weighting", "truncated"],
-                                   "Min-SNR-5, truncated weighting"),
-             "min_snr_x_space": (["--min_snr_gamma", "5", "--min_snr_weighting", "x_space"],
-                                 "Min-SNR-5, x-space weighting")}
+             "grid_20": (["--distill_grid", "20"], "grid N = 20")}
 METHOD_LABELS = {"controlnet": "ControlNet (DDIM)", "two_stage": "Two-stage (ControlNet + LCM)",
                  "pe_codi": "PE-CoDi", "codi_lora": "CoDi + UNet LoRA"}
 
@@ -76,9 +76,9 @@ def run_name(task: str, method: str, seed: int) -> str:
 
 
 def run_table(tasks, quick: bool = False) -> list[dict]:
-    """The training runs, in order (the two-stage run needs its ControlNet, listed earlier): per task the headline
-    methods for each of their seeds, SR first with its ablations, so an interrupted benchmark has whole tables
-    sooner."""
+    """The runs, in order (the two-stage run needs its ControlNet, listed earlier): per task the headline methods
+    seed by seed, SR first with its ablations and a sampling-only run of the base alone (``"train": False``), so an
+    interrupted benchmark has whole tables sooner."""
     runs = []
     for task in tasks:
         seeds = SEEDS[task]
@@ -92,23 +92,31 @@ def run_table(tasks, quick: bool = False) -> list[dict]:
         if task == "sr" and not quick:
             runs += [{"name": f"sr_ablation_{key}", "task": "sr", "method": "ablation", "seed": 0, "flags": flags,
                       "label": label} for key, (flags, label) in ABLATIONS.items()]
-    # the (cheap) ControlNets first, so the two-stage runs never wait for them
-    return sorted(runs, key=lambda r: (tasks.index(r["task"]), r["method"] != "controlnet"))
+        if task == "sr":  # the supplementary rows of the base alone: sampled, nothing trained
+            runs.append({"name": "sr_base_alone", "task": "sr", "method": "base", "seed": 0, "flags": [],
+                         "train": False})
+    # seed by seed (an interrupted benchmark has every method with the seeds done so far), the ControlNet first in
+    # each (the two-stage run distills it), the ablations after the headline seeds
+    return sorted(runs, key=lambda r: (tasks.index(r["task"]), r["method"] == "ablation", r["seed"],
+                                       r["method"] != "controlnet"))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", choices=("all", "train", "eval"), default="all")
+    p.add_argument("--phase", choices=("all", "train", "eval", "tables", "score"), default="all",
+                   help="all: train and score what the ledger lacks, then the tables; train: train only; eval: "
+                        "(re)score every trained run in --work, then the tables; tables: the tables from the ledger "
+                        "only; score: score the --only runs in this process (what each job runs)")
     p.add_argument("--quick", action="store_true",
                    help="the headline rows of SR with one seed, 300 steps per run, 128 test crops (~25 min)")
     p.add_argument("--base", type=Path, default=BASE, help="the base bundle every adapter is distilled from")
     p.add_argument("--work", type=Path, default=None,
                    help="runs, data crops and raw metrics (git-ignored; default benchmarks/mini/work[_quick])")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
-                   help="where the metrics JSON, the tables and the PNG grids go")
+                   help="where the ledger of scored runs, the metrics JSON, the tables and the PNG grids go")
     p.add_argument("--tasks", default=None, help="comma-separated (default sr,inpaint,gray; --quick: sr)")
-    p.add_argument("--only", default=None, help="comma-separated run names to train (default: all)")
+    p.add_argument("--only", default=None, help="comma-separated run names to train and score (default: all)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 900; --quick 300)")
     p.add_argument("--batch_size", type=int, default=BATCH_SIZE)
     p.add_argument("--learning_rate", type=float, default=LEARNING_RATE)
@@ -120,15 +128,17 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="training runs at a time (each with --threads threads); on a 2-core CPU two 1-thread runs "
                         "beat one 2-thread run")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per job (its training and its scoring)")
     p.add_argument("--eval_batch", type=int, default=64)
-    p.add_argument("--eval_threads", type=int, default=os.cpu_count() or 1, help="torch threads of the evaluation")
     args = p.parse_args(argv)
     args.tasks = (args.tasks or ("sr" if args.quick else "sr,inpaint,gray")).split(",")
     args.steps = args.steps or (300 if args.quick else 900)
     args.test_crops = args.test_crops or (128 if args.quick else 256)
     args.work = args.work or HERE / ("work_quick" if args.quick else "work")
     args.suffix = "_quick" if args.quick else ""
+    args.ledger = args.results / f"mini_repro{args.suffix}_runs"
+    # what each job's scoring subprocess is started with (it appends its own --phase and --only)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
 
@@ -211,22 +221,89 @@ def train_run(run: dict, args, data: dict[str, Path]) -> dict:
     return record
 
 
-def train_all(runs: list[dict], args, data) -> None:
-    """Train ``runs`` with ``--jobs`` at a time; a run that needs another waits for it (it is earlier in the list,
-    so it is already running or done)."""
+def run_all(runs: list[dict], args, data) -> None:
+    """Train and score ``runs``, ``--jobs`` at a time, each job one run: train it (``--phase all``/``train``; skipped
+    for a sampling-only run), then score it in a subprocess (``--phase all``/``eval``) into the ledger. Under
+    ``--phase all`` a run whose result is already in the ledger (same settings) is skipped altogether. A two-stage run
+    waits for its ControlNet's job; when that ControlNet was skipped (its result came from the ledger of an earlier
+    session, its adapter is not in this work folder) the two-stage job trains it again first."""
     from concurrent.futures import ThreadPoolExecutor
 
+    by_name = {r["name"]: r for r in runs}
     futures = {}
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         def job(run):
-            if run.get("needs") in futures:
-                futures[run["needs"]].result()
-            return train_run(run, args, data)
+            if args.phase == "all" and ledger_entry(args, run) is not None:
+                print(f"repro: {run['name']}: in the ledger, skipped", flush=True)
+                return
+            if args.phase in ("all", "train") and run.get("train", True):
+                needs = run.get("needs")
+                if needs in futures:
+                    futures[needs].result()
+                if needs and not adapter_path(args.work, needs).is_file() and needs in by_name:
+                    train_run(by_name[needs], args, data)
+                train_run(run, args, data)
+            if args.phase in ("all", "eval"):
+                if run.get("train", True) and not adapter_path(args.work, run["name"]).is_file():
+                    print(f"repro: {run['name']}: not trained in {args.work}, not scored", flush=True)
+                    return
+                score_in_subprocess(run, args)
 
         for run in runs:
             futures[run["name"]] = pool.submit(job, run)
         for future in futures.values():
             future.result()  # re-raises a failed run's SystemExit
+
+
+def adapter_path(work: Path, run: str) -> Path:
+    return work / "runs" / run / f"{run}.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------ the ledger
+#
+# Every scored run leaves its rows in a committed ledger (``<results>/mini_repro[_quick]_runs/<run>.json`` and a PNG
+# strip of its grid images), so the protocol, longer than one sitting, accumulates across machines and sessions:
+# a later ``repro.py`` skips what the ledger holds and the tables are assembled from it. Adapters stay in the
+# (git-ignored) work folder.
+
+
+def ledger_settings(args) -> dict:
+    """What a run's rows depend on beyond its own flags; an entry made under other settings is not reused."""
+    return portable({"base": str(args.base), "steps": args.steps, "batch_size": args.batch_size,
+                     "learning_rate": args.learning_rate, "train_crops": args.train_crops,
+                     "test_crops": args.test_crops, "seed": args.seed})
+
+
+def ledger_entry(args, run: dict) -> dict | None:
+    """The run's ledger entry, or None when there is none for these settings and flags."""
+    path = args.ledger / f"{run['name']}.json"
+    if not path.is_file():
+        return None
+    entry = json.loads(path.read_text())
+    if entry.get("settings") != ledger_settings(args) or entry.get("run_flags") != run["flags"]:
+        return None
+    return entry
+
+
+def write_strip(path: Path, images: list[list]) -> None:
+    """``images[plan][crop]`` (``[3, H, W]`` in [0, 1]) as one PNG, a row per plan, no gaps or labels."""
+    import torch
+    from PIL import Image
+
+    rows = [torch.cat(list(row), dim=2) for row in images]
+    array = (torch.cat(rows, dim=1).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(array).save(path)
+
+
+def read_strip(path: Path, plans: int, size: int = 64) -> list[list]:
+    """The inverse of :func:`write_strip`."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    array = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    crops = array.shape[2] // size
+    return [[array[:, p * size:(p + 1) * size, c * size:(c + 1) * size] for c in range(crops)] for p in range(plans)]
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -293,7 +370,7 @@ def load_run(work: Path, run: str | None, base_path: Path = BASE):
     from trainer.adapters.files import load_adapter
     from trainer.models import load_base_model
 
-    path = None if run is None else work / "runs" / run / f"{run}.safetensors"
+    path = None if run is None else adapter_path(work, run)
     if path is not None and not path.is_file():
         print(f"repro: skipping {run}: {path} not trained", flush=True)
         return None
@@ -394,64 +471,116 @@ def baseline_images(pairs, task: str) -> list:
 BASELINE_NAMES = {"sr": "bicubic", "inpaint": "mean fill", "gray": "grayscale input"}
 
 
-def evaluate(args, data, runs: list[dict]) -> tuple[dict, dict]:
+def score_in_subprocess(run: dict, args) -> None:
+    """Score one run in a child process with ``--threads`` torch threads (``--phase score``), so two jobs share the
+    cores as two training runs do; its log goes next to the run's."""
+    log_dir = args.work / "runs" / run["name"]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--phase", "score", "--only", run["name"]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    print(f"repro: scoring {run['name']}", flush=True)
+    with open(log_dir / "score.log", "a") as log:
+        code = subprocess.run(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"repro: scoring {run['name']} failed (exit {code}); see {log_dir / 'score.log'}")
+    for line in (log_dir / "score.log").read_text().splitlines()[-20:]:
+        if line.startswith(f"repro: {run['task']} "):
+            print(line, flush=True)
+
+
+def task_pairs(args, data, task: str):
+    """The held-out pairs of ``task`` and the starting noise of each (what :func:`generate` starts it from)."""
+    pairs = evaluation_pairs(task, data["test"], args.seed)
+    return pairs, starting_noise(args.seed, range(len(pairs)))
+
+
+def score_run(args, data, run: dict, runs: list[dict]) -> dict:
+    """Sample and score every plan of one run on its task's held-out pairs; writes and returns its ledger entry."""
     import torch
 
     sys.path.insert(0, str(HERE))
     import features
     from trainer.evaluation.evaluate import machine_info
 
-    torch.set_num_threads(args.eval_threads)
+    torch.set_num_threads(args.threads)
+    start = time.time()
     feature_net = features.load_feature_net(HERE / "featnet" / "feature_net.safetensors")
-    results = {"machine": machine_info("cpu"), "settings": portable({k: str(v) for k, v in vars(args).items()}),
-               "base": portable(str(args.base)), "tasks": {}}
+    task = run["task"]
+    pairs, noises = task_pairs(args, data, task)
+    name = None if run["method"] == "base" else run["name"]
+    models = load_run(args.work, name, args.base)
+    if models is None:
+        raise SystemExit(f"repro: {run['name']} has no adapter in {args.work}: train it first")
+    grid = int(run["flags"][run["flags"].index("--distill_grid") + 1]) if "--distill_grid" in run["flags"] else 50
+    rows, shown = [], []
+    for plan in (p for p in sampling_plans(task, runs) if p["run"] == name):
+        images, spi, nfe = generate(*models, pairs, plan, args.seed, args.eval_batch, grid)
+        seed = run["seed"] if name else None
+        row = {"method": plan["method"], "run": name, "seed": seed, "steps": plan["steps"],
+               "plan_steps": plan["steps"], "sampler": plan["mode"], "table": plan["table"], "nfe": nfe,
+               "seconds_per_image": spi, **score(images, pairs, task, feature_net, noises)}
+        if plan.get("start"):
+            row["start_strength"] = plan["start"]
+            row["steps"] = nfe
+        print(f"repro: {task} {plan['method']} {row['steps']} steps (seed {seed}): PSNR {row['psnr']:.2f} "
+              f"FD-patch {row['fd_patch']:.2f} colour corr {row['colour_corr_min']:.2f} "
+              f"({spi * 1000:.1f} ms/img)", flush=True)
+        rows.append(row)
+        if seed == 0 and (plan["method"], plan["steps"]) in GRID_METHODS:
+            shown.append((f"{row['method']} {row['steps']}", images[:GRID_ROWS]))
+    done = args.work / "runs" / run["name"] / "done.json"
+    entry = {"run": run["name"], "task": task, "method": run["method"], "seed": run["seed"],
+             "run_flags": run["flags"], "settings": ledger_settings(args), "machine": machine_info("cpu"),
+             "training": json.loads(done.read_text()) if done.is_file() else None, "rows": rows,
+             "score_seconds": time.time() - start,
+             "grid": {"file": f"{run['name']}.png", "labels": [label for label, _ in shown]} if shown else None}
+    args.ledger.mkdir(parents=True, exist_ok=True)
+    if shown:
+        write_strip(args.ledger / f"{run['name']}.png", [images for _, images in shown])
+    (args.ledger / f"{run['name']}.json").write_text(json.dumps(portable(entry), indent=1))
+    return entry
+
+
+def plan_key(plan_or_row: dict) -> tuple:
+    return (plan_or_row["run"], plan_or_row["method"], plan_or_row.get("plan_steps", plan_or_row["steps"]),
+            plan_or_row.get("start", plan_or_row.get("start_strength")))
+
+
+def assemble(args, data, runs: list[dict]) -> tuple[dict, dict]:
+    """The tables' data from the ledger: per task the baseline row and every scored run's rows in the paper's order
+    (the order of :func:`sampling_plans`), the grid columns, and the runs still missing."""
+    sys.path.insert(0, str(HERE))
+    import features
+    from trainer.evaluation.evaluate import machine_info
+
+    feature_net = features.load_feature_net(HERE / "featnet" / "feature_net.safetensors")
+    entries = {r["name"]: ledger_entry(args, r) for r in runs}
+    results = {"machine": machine_info("cpu"), "settings": ledger_settings(args), "base": portable(str(args.base)),
+               "tasks": {}, "missing": [name for name, entry in entries.items() if entry is None],
+               "runs": {name: e["training"] for name, e in entries.items() if e and e["training"]},
+               "score_seconds": {name: e["score_seconds"] for name, e in entries.items() if e}}
     grids = {}
-    loaded: dict = {}
-
-    def models_of(run: str | None):
-        if run not in loaded:
-            loaded.clear()  # one run's models at a time: the plans of a run are consecutive
-            loaded[run] = load_run(args.work, run, args.base)
-        return loaded[run]
-
-    grid_of = {r["name"]: int(r["flags"][r["flags"].index("--distill_grid") + 1]) for r in runs
-               if "--distill_grid" in r["flags"]}
     for task in args.tasks:
-        pairs = evaluation_pairs(task, data["test"], args.seed)
-        noises = starting_noise(args.seed, range(len(pairs)))  # what generate() starts each crop from
-        rows = []
+        pairs, _ = task_pairs(args, data, task)
         base_imgs = baseline_images(pairs, task)
-        rows.append({"method": BASELINE_NAMES[task], "steps": 0, "nfe": 0, "table": "main", "seed": None,
-                     "seconds_per_image": 0.0, **score(base_imgs, pairs, task, feature_net)})
-        grid_columns = {"condition": [condition_image(p, task) for p in pairs[:GRID_ROWS]],
-                        rows[0]["method"]: base_imgs[:GRID_ROWS]}
-        # evaluated run by run (each run's models load once), reported in the plans' (the paper's) order
-        evaluated = []
-        for index, plan in sorted(enumerate(sampling_plans(task, runs)), key=lambda ip: str(ip[1]["run"])):
-            models = models_of(plan["run"])
-            if models is None:
-                continue
-            images, spi, nfe = generate(*models, pairs, plan, args.seed, args.eval_batch,
-                                        grid_of.get(plan["run"], 50))
-            seed = next((r["seed"] for r in runs if r["name"] == plan["run"]), None)
-            row = {"method": plan["method"], "run": plan["run"], "seed": seed, "steps": plan["steps"],
-                   "sampler": plan["mode"], "table": plan["table"], "nfe": nfe, "seconds_per_image": spi,
-                   **score(images, pairs, task, feature_net, noises)}
-            if plan.get("start"):
-                row["start_strength"] = plan["start"]
-                row["steps"] = nfe
-            print(f"repro: {task} {plan['method']} {row['steps']} steps (seed {seed}): PSNR {row['psnr']:.2f} "
-                  f"FD-patch {row['fd_patch']:.2f} colour corr {row['colour_corr_min']:.2f} "
-                  f"({spi * 1000:.1f} ms/img)", flush=True)
-            shown = seed == 0 and (plan["method"], plan["steps"]) in GRID_METHODS
-            evaluated.append((index, row, images[:GRID_ROWS] if shown else None))
-        for _, row, shown in sorted(evaluated, key=lambda e: e[0]):
-            rows.append(row)
-            if shown is not None:
-                grid_columns[f"{row['method']} {row['steps']}"] = shown
-        grid_columns["ground truth"] = [p.target.float() for p in pairs[:GRID_ROWS]]
+        rows = [{"method": BASELINE_NAMES[task], "steps": 0, "nfe": 0, "table": "main", "seed": None,
+                 "seconds_per_image": 0.0, **score(base_imgs, pairs, task, feature_net)}]
+        order = {plan_key(p): i for i, p in enumerate(sampling_plans(task, runs))}
+        task_entries = [e for r in runs if r["task"] == task and (e := entries[r["name"]]) is not None]
+        scored = [row for e in task_entries for row in e["rows"]]
+        rows += sorted(scored, key=lambda row: order.get(plan_key(row), len(order)))
+        columns = {"condition": [condition_image(p, task) for p in pairs[:GRID_ROWS]],
+                   rows[0]["method"]: base_imgs[:GRID_ROWS]}
+        shown = {}
+        for e in task_entries:
+            if e.get("grid"):
+                strips = read_strip(args.ledger / e["grid"]["file"], len(e["grid"]["labels"]))
+                shown.update(zip(e["grid"]["labels"], strips))
+        labels = [f"{r['method']} {r['steps']}" for r in rows if r.get("seed") == 0]
+        columns.update((label, shown[label]) for label in dict.fromkeys(labels) if label in shown)
+        columns["ground truth"] = [p.target.float() for p in pairs[:GRID_ROWS]]
         results["tasks"][task] = {"pairs": len(pairs), "rows": rows}
-        grids[task] = grid_columns
+        grids[task] = columns
     return results, grids
 
 
@@ -556,8 +685,7 @@ def ablation_verdicts(entries: list[dict]) -> list[dict]:
     """The SR ablations against the PE-CoDi default at 4 steps (the paper's direction in brackets)."""
     reference = find(entries, "PE-CoDi", 4)
     expected = {"ODE model = frozen base": "worse", "eps-space consistency": "better", "one t per sample": "worse",
-                "lambda = 0.1": None, "grid N = 20": None, "Min-SNR-5, truncated weighting": None,
-                "Min-SNR-5, x-space weighting": None}
+                "lambda = 0.1": None, "grid N = 20": None}
     out = []
     for label, direction in expected.items():
         entry = find(entries, f"ablation: {label}", 4, "ablations")
@@ -627,32 +755,31 @@ def main(argv=None) -> int:
     start = time.time()
     data = prepare_data(args)
     runs = run_table(args.tasks, args.quick)
-    if args.phase in ("all", "train"):
-        wanted = set(args.only.split(",")) if args.only else None
-        train_all([r for r in runs if wanted is None or r["name"] in wanted], args, data)
-    if args.phase in ("all", "eval"):
-        eval_start = time.time()
-        results, grids = evaluate(args, data, runs)
-        results["runs"] = {p.parent.name: json.loads(p.read_text())
-                           for p in sorted((args.work / "runs").glob("*/done.json"))}
-        results["eval_seconds"] = time.time() - eval_start
-        results["verdicts"] = {task: verdicts(aggregate(d["rows"]), task) for task, d in results["tasks"].items()}
-        if "sr" in results["tasks"]:
-            results["ablation_verdicts"] = ablation_verdicts(aggregate(results["tasks"]["sr"]["rows"]))
-        out = args.work / "eval" / "metrics.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(portable(results), indent=1))
-        args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / f"mini_repro{args.suffix}_metrics.json").write_text(json.dumps(portable(results), indent=1))
-        (args.results / f"mini_repro{args.suffix}_tables.md").write_text(markdown_tables(results))
-        from trainer.evaluation.report import write_image_grid
+    wanted = set(args.only.split(",")) if args.only else None
+    chosen = [r for r in runs if wanted is None or r["name"] in wanted]
+    if args.phase == "score":
+        for run in chosen:
+            score_run(args, data, run, runs)
+        return 0
+    if args.phase != "tables":
+        run_all(chosen, args, data)
+    if args.phase == "train":
+        return 0
+    results, grids = assemble(args, data, runs)
+    results["verdicts"] = {task: verdicts(aggregate(d["rows"]), task) for task, d in results["tasks"].items()}
+    if "sr" in results["tasks"]:
+        results["ablation_verdicts"] = ablation_verdicts(aggregate(results["tasks"]["sr"]["rows"]))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"mini_repro{args.suffix}_metrics.json").write_text(json.dumps(portable(results), indent=1))
+    (args.results / f"mini_repro{args.suffix}_tables.md").write_text(markdown_tables(results))
+    from trainer.evaluation.report import write_image_grid
 
-        for task, columns in grids.items():
-            rows = [list(images) for images in zip(*columns.values())]
-            write_image_grid(list(columns), rows, args.results / f"mini_repro{args.suffix}_{task}.png",
-                             header_lines=2)
-        print(f"repro: wrote {args.results / f'mini_repro{args.suffix}_metrics.json'} and the grids "
-              f"({time.time() - start:.0f} s)", flush=True)
+    for task, columns in grids.items():
+        rows = [list(images) for images in zip(*columns.values())]
+        write_image_grid(list(columns), rows, args.results / f"mini_repro{args.suffix}_{task}.png", header_lines=2)
+    missing = f"; not yet in the ledger: {', '.join(results['missing'])}" if results["missing"] else ""
+    print(f"repro: wrote {args.results / f'mini_repro{args.suffix}_metrics.json'}, the tables and the grids "
+          f"({time.time() - start:.0f} s){missing}", flush=True)
     return 0
 
 
