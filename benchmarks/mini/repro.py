@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -608,24 +609,19 @@ def aggregate(rows: list[dict]) -> list[dict]:
     out = []
     for (table, method, steps), group in groups.items():
         entry = {"table": table, "method": method, "steps": steps, "n": len(group), "nfe": group[0]["nfe"],
-                 "sampler": group[0].get("sampler"), "seconds_per_image": mean([r["seconds_per_image"] for r in group])}
+                 "sampler": group[0].get("sampler"),
+                 "seconds_per_image": statistics.fmean([r["seconds_per_image"] for r in group])}
         for metric in METRICS:
             values = [r[metric] for r in group if metric in r]
             if values:
-                entry[metric] = (mean(values), std(values), len(values), values)
+                entry[metric] = (statistics.fmean(values), std(values), len(values), values)
         out.append(entry)
     return out
 
 
-def mean(values) -> float:
-    return sum(values) / len(values)
-
-
 def std(values) -> float:
-    if len(values) < 2:
-        return 0.0
-    m = mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    """The sample standard deviation over seeds; 0 for a single seed (its spread is unknown, see :func:`compare`)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def cell(entry: dict, metric: str, digits: int = 2, scale: float = 1.0) -> str:
