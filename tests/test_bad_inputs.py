@@ -450,6 +450,26 @@ def test_resume_with_other_settings(saved_state, tmp_path):
     assert "resuming with changed learning_rate" in result.stdout
 
 
+def test_a_save_killed_mid_rename_is_recovered_and_its_leftovers_removed(saved_state):
+    """A trainer killed inside the atomic state save leaves hidden ``.tmp-<pid>`` / ``.old-<pid>`` folders: the next
+    run on that output name puts a complete one back in place (so --resume finds it) and removes the rest."""
+    state, flags = saved_state
+    out = state.parent
+    complete = out / f".{state.name}.tmp-4242"
+    os.replace(state, complete)  # killed between "old state moved away" and "new state moved in"
+    partial = out / f".{state.name}.tmp-4243"
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"half")
+    stale_old = out / f".{state.name}.old-4244"
+    shutil.copytree(complete, stale_old)
+    result = run_train(flags + ["--resume", str(state), "--max_train_steps", "3"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the complete temporary (the state being saved) wins over the older copy
+    assert f"recovered {state.name} from {complete.name}, left by an interrupted save" in result.stdout
+    assert "at step" in result.stdout
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
 @pytest.mark.parametrize("damaged", ["optimizer.pt", "trainable.safetensors", "trainer_state.json"])
 def test_resume_from_a_damaged_state(damaged, saved_state):
     state, flags = saved_state

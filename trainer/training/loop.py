@@ -390,6 +390,9 @@ def train(settings: Settings) -> dict:
     lock = guard.OutputLock(settings.save.output_dir, settings.save.output_name) \
         if main_process and not settings.run.dry_run else contextlib.nullcontext()
     with lock, guard.Interrupts() as interrupts:
+        if main_process and not settings.run.dry_run:
+            for line in state.recover_interrupted_saves(settings.save.output_dir, settings.save.output_name):
+                print(f"codi: {line}", flush=True)
         return _train(settings, interrupts, prompts)
 
 

@@ -57,6 +57,29 @@ def save_training_state(folder: Path, trainable: dict[str, torch.Tensor], ema, o
     return folder
 
 
+def recover_interrupted_saves(output_dir, output_name: str) -> list[str]:
+    """Tidy what a trainer killed inside :func:`save_training_state` left in ``output_dir`` for ``output_name``: its
+    hidden ``.<state>.tmp-<pid>`` / ``.<state>.old-<pid>`` folders. When the state folder itself is missing, a
+    complete temporary folder (killed just before the rename) or the previous one (killed between the two renames)
+    becomes the state folder again, so nothing already saved is lost; the rest is removed. Call it only while holding
+    the output lock (no other trainer is saving there). Returns one line per action, for the log."""
+    pattern = re.compile(r"\.(" + re.escape(output_name) + r"(?:-step\d+)?-state)\.(tmp|old)-\d+")
+    actions = []
+    leftovers = sorted(Path(output_dir).glob(f".{output_name}*-state.*-*"), key=lambda p: ".old-" in p.name)
+    for path in leftovers:  # complete temporaries first: they are newer than the old copies
+        match = pattern.fullmatch(path.name)
+        if not match or not path.is_dir():
+            continue
+        target = path.with_name(match.group(1))
+        if not target.exists() and all((path / f).is_file() for f in STATE_FILES):
+            os.replace(path, target)
+            actions.append(f"recovered {target.name} from {path.name}, left by an interrupted save")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            actions.append(f"removed {path.name}, left by an interrupted save")
+    return actions
+
+
 def latest_step_state(output_dir, output_name: str) -> Path | None:
     """The newest complete ``<output_name>-stepNNNNNNNN-state`` folder that ``--save_every_n_steps`` + ``--save_state``
     wrote in ``output_dir`` (a run killed while saving leaves an incomplete one, skipped), or None."""
