@@ -106,13 +106,14 @@ def make_plan(adapters: list[CoDiInfo], panel: PanelSettings, family: str | None
     """
     codi = [a for a in adapters if a.has_codi_metadata]
     codi_sampler = chosen_sampler in SAMPLER_NAMES.values()
-    if not panel.enabled or not (codi or codi_sampler):
-        return None
+    # checked even with the panel's settings off: an adapter for another base fails or makes noise either way
     for info in codi:
         try:
             check_family(info, family, model_label, "panel")
         except ValueError as e:
             raise CoDiWebUIError(str(e)) from None
+    if not panel.enabled or not (codi or codi_sampler):
+        return None
     if not codi:
         names = ", ".join(a.name for a in adapters) or "no ControlNet unit"
         logger.info("CoDi: sampler %s without a CoDi adapter (%s): default sampler facts (grid N=50, boundary on)",

@@ -10,6 +10,12 @@ The output size comes from the CoDi panel (:data:`codi_webui.plan.CURRENT`, set 
 preprocessor is not told the generation's size. A hint that cannot be built (an SR input whose size does not divide
 the output by 2, 4 or 8, a missing mask) is recorded there and raised by the CoDi sampler, because both ControlNets
 log a preprocessor's exception and go on without the unit.
+
+The hints follow the adapter they feed, as the ComfyUI nodes do: the generation's CoDi adapters (read by the panel
+before any preprocessor runs) carry ``codi.hint_preprocessing``; ``codi_canny`` takes the thresholds the adapter was
+trained with while its threshold sliders stay at their defaults (100 / 200; neither UI hands a preprocessor a third
+setting or, in Forge, the unit's model), the sliders once the user moves them; ``codi_sr`` refuses an output size
+whose scale is not the one the adapter was trained for.
 """
 
 from __future__ import annotations
@@ -26,6 +32,17 @@ from .plan import CURRENT
 logger = logging.getLogger("codi")
 
 NAMES = ("codi_sr", "codi_inpaint", "codi_canny")
+CANNY_DEFAULTS = (100, 200)
+
+
+def trained_preprocessing(kind: str) -> tuple[str, dict] | None:
+    """``(adapter name, codi.hint_preprocessing)`` of the generation's first CoDi adapter trained on ``kind`` hints
+    (``sr``, ``canny``, ...), or None."""
+    for info in CURRENT.adapters:
+        prep = getattr(info.metadata, "hint_preprocessing", None) or {}
+        if info.has_codi_metadata and prep.get("type") == kind:
+            return info.name, dict(prep)
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ the hints
@@ -55,8 +72,10 @@ def mask_to_b1hw(mask, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array > 127)).float()[None, None]
 
 
-def sr_input_hint(image, target_size: tuple[int, int] | None) -> torch.Tensor:
-    """The SR hint for a low-res ``image``: upsampled by the scale (2, 4 or 8) that gives ``target_size`` (H, W)."""
+def sr_input_hint(image, target_size: tuple[int, int] | None, trained: tuple[str, dict] | None = None
+                  ) -> torch.Tensor:
+    """The SR hint for a low-res ``image``: upsampled by the scale (2, 4 or 8) that gives ``target_size`` (H, W),
+    which must be the scale of the ``trained`` adapter (its name and ``codi.hint_preprocessing``) when given."""
     low = image_to_bchw(image)
     h, w = low.shape[-2:]
     if target_size is None:
@@ -67,6 +86,11 @@ def sr_input_hint(image, target_size: tuple[int, int] | None) -> torch.Tensor:
         options = ", ".join(f"x{s}: {w * s}x{h * s}" for s in SR_SCALES)
         raise ValueError(f"codi_sr: the low-res image is {w}x{h} but the output is {width}x{height} (width x height); "
                          f"set the output size to the image times 2, 4 or 8 ({options})")
+    if trained is not None and trained[1].get("scale") not in (None, scale):
+        name, want = trained[0], trained[1]["scale"]
+        raise ValueError(f"codi_sr: adapter {name} was trained for x{want} super-resolution, but the low-res image "
+                         f"is {w}x{h} and the output {width}x{height} (x{scale}); set the output size to "
+                         f"{w * want}x{h * want}")
     return sr_hint(low, scale)
 
 
@@ -95,15 +119,37 @@ def canny_input_hint(image, low_threshold, high_threshold, target_size: tuple[in
     return canny_hint(pixels, float(low_threshold), float(high_threshold))
 
 
+def canny_thresholds(slider_1=None, slider_2=None) -> tuple[float, float]:
+    """The thresholds ``codi_canny`` uses: the sliders once moved from their defaults (100 / 200; unset = the
+    defaults), else the CoDi adapter's trained ones (``codi.hint_preprocessing``) when it names them."""
+    sliders = tuple(d if v in (None, -1) else v for v, d in zip((slider_1, slider_2), CANNY_DEFAULTS))
+    trained = trained_preprocessing("canny")
+    if trained is None:
+        return sliders
+    name, prep = trained
+    if sliders != CANNY_DEFAULTS:
+        if (prep.get("low_threshold"), prep.get("high_threshold")) not in ((None, None), sliders):
+            logger.warning("CoDi: codi_canny uses the sliders %s; adapter %s was trained with (%s, %s)", sliders,
+                           name, prep.get("low_threshold"), prep.get("high_threshold"))
+        return sliders
+    if "low_threshold" not in prep or "high_threshold" not in prep:
+        logger.warning("CoDi: adapter %s names no canny thresholds; using the sliders %s", name, sliders)
+        return sliders
+    low, high = prep["low_threshold"], prep["high_threshold"]
+    if (low, high) != sliders:
+        logger.info("CoDi: codi_canny uses the thresholds adapter %s was trained with (%s, %s), not the sliders' "
+                    "defaults %s (move the sliders to choose others)", name, low, high, sliders)
+    return low, high
+
+
 def build_hint(name: str, image, mask=None, slider_1=None, slider_2=None) -> torch.Tensor | None:
     """The hint of preprocessor ``name``, or None after recording why it cannot be built (the sampler raises it)."""
     try:
         if name == "codi_sr":
-            return sr_input_hint(image, CURRENT.target_size)
+            return sr_input_hint(image, CURRENT.target_size, trained_preprocessing("sr"))
         if name == "codi_inpaint":
             return inpaint_input_hint(image, mask, CURRENT.target_size)
-        return canny_input_hint(image, 100 if slider_1 in (None, -1) else slider_1,
-                                200 if slider_2 in (None, -1) else slider_2, CURRENT.target_size)
+        return canny_input_hint(image, *canny_thresholds(slider_1, slider_2), CURRENT.target_size)
     except ValueError as e:
         CURRENT.fail(str(e) if str(e).startswith(name) else f"{name}: {e}")
         return None

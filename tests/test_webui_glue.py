@@ -71,6 +71,9 @@ def test_codi_sampler_without_a_codi_adapter_uses_the_defaults(caplog):
 @pytest.mark.parametrize("case, kwargs, message", [
     ("sdxl adapter on sd1", dict(adapters=[adapter(architecture="stable-diffusion-xl-v1-base/codi-control-lora")]),
      "was made for SDXL"),
+    ("sdxl adapter on sd1, panel settings off",
+     dict(adapters=[adapter(architecture="stable-diffusion-xl-v1-base/codi-control-lora")],
+          panel=PanelSettings(enabled=False)), "was made for SDXL"),
     ("steps over 8", dict(adapters=[adapter()], panel=PanelSettings(steps=12)), "steps must be in 1..8"),
     ("codi sampler, 20 steps", dict(adapters=[], sampler="CoDi", steps=20), "steps must be in 1..8"),
     ("grid cannot split", dict(adapters=[adapter(distill_grid=10)], panel=PanelSettings(steps=7)),
@@ -178,6 +181,8 @@ def test_hints_are_the_trainers(monkeypatch):
     assert torch.equal(preprocessors.image_to_bchw(photo), image_to_tensor(photo))
     monkeypatch.setattr(planning.CURRENT, "target_size", (64, 64))
     monkeypatch.setattr(planning.CURRENT, "errors", [])
+    monkeypatch.setattr(planning.CURRENT, "adapters", [])  # no adapter: the sliders and the output size decide
+
     def hwc(hint):
         return hint[0].permute(1, 2, 0).numpy()
 
@@ -189,6 +194,40 @@ def test_hints_are_the_trainers(monkeypatch):
     assert np.array_equal(hwc(inpaint), trained.hint) and (inpaint == -1).any()
     canny = preprocessors.build_hint("codi_canny", photo, None, 50, 150)
     assert np.array_equal(hwc(canny), CannyCondition(50, 150)(photo).hint)
+    assert not planning.CURRENT.errors
+
+
+def test_hints_follow_the_adapter_they_feed(monkeypatch, caplog):
+    """codi_canny takes the adapter's trained thresholds while the sliders are at their defaults, the sliders once
+    moved; codi_sr refuses an output size at another scale than the adapter's."""
+    from skimage import data
+
+    from trainer.data.conditions import CannyCondition
+
+    caplog.set_level("INFO", logger="codi")
+    photo = np.ascontiguousarray(data.astronaut()[::8, ::8])  # 64x64
+    canny_adapter = adapter("codi_canny.safetensors", task="canny",
+                            hint_preprocessing={"type": "canny", "low_threshold": 30, "high_threshold": 90})
+    monkeypatch.setattr(planning.CURRENT, "target_size", (64, 64))
+    monkeypatch.setattr(planning.CURRENT, "errors", [])
+    monkeypatch.setattr(planning.CURRENT, "adapters", [adapter(), canny_adapter])
+
+    def hint(*sliders):
+        return preprocessors.build_hint("codi_canny", photo, None, *sliders)[0].permute(1, 2, 0).numpy()
+
+    trained = CannyCondition(30, 90)(photo).hint
+    assert not np.array_equal(trained, CannyCondition(100, 200)(photo).hint)  # the thresholds matter here
+    assert np.array_equal(hint(100, 200), trained) and np.array_equal(hint(-1, -1), trained)
+    assert "trained with (30, 90)" in caplog.text
+    assert np.array_equal(hint(50, 150), CannyCondition(50, 150)(photo).hint)  # the user's choice wins
+    assert "uses the sliders (50, 150); adapter codi_canny.safetensors was trained with (30, 90)" in caplog.text
+
+    # the SR adapter was trained at x4: a 32x32 input for a 64x64 output (x2) is refused with the size to set
+    assert preprocessors.build_hint("codi_sr", np.zeros((32, 32, 3), np.uint8)) is None
+    assert "trained for x4 super-resolution" in planning.CURRENT.errors[0]
+    assert "set the output size to 128x128" in planning.CURRENT.errors[0]
+    monkeypatch.setattr(planning.CURRENT, "errors", [])
+    assert preprocessors.build_hint("codi_sr", np.zeros((16, 16, 3), np.uint8)) is not None  # x4: fine
     assert not planning.CURRENT.errors
 
 
