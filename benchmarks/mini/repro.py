@@ -695,6 +695,14 @@ def ablation_verdicts(entries: list[dict]) -> list[dict]:
 
 def markdown_tables(results: dict) -> str:
     out = []
+    runs, scoring = results.get("runs", {}), results.get("score_seconds", {})
+    if runs or scoring:
+        # seconds per step x steps: a resumed run's own timing covers only its last call
+        training = sum((r.get("seconds_per_step") or 0) * r.get("steps", 0) for r in runs.values())
+        out.append(f"Ledger: {len(scoring)} runs scored ({len(runs)} trained: {training / 3600:.2f} h of one-thread "
+                   f"training, {sum(scoring.values()) / 3600:.2f} h of one-thread scoring).\n")
+    if results.get("missing"):
+        out.append(f"**Not measured yet** (not in the ledger): {', '.join(results['missing'])}.\n")
     for task, data in results["tasks"].items():
         entries = aggregate(data["rows"])
         extra = task == "inpaint"
