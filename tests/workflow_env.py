@@ -23,7 +23,7 @@ from skimage import data as skdata
 from harness import REPO_ROOT, make_base_dir
 
 WORKFLOW_DIR = REPO_ROOT / "workflows"
-NAMES = ("codi_sr_x4", "codi_inpaint", "codi_canny", "codi_depth")
+NAMES = ("codi_sr_x4", "codi_sr_x4_from_bicubic", "codi_inpaint", "codi_canny", "codi_depth")
 SIZE = 64          # output images are 64x64 (latents 8x8)
 SR_LOW = SIZE // 4  # the 4x SR input
 OUTPUT_NODE = "9"   # SaveImage in every workflow
