@@ -309,14 +309,10 @@ def training_step(run: Run, nan_at: int = 0) -> bool:
 def stop_with_state(run: Run, why: str, error=TrainingStopped) -> Exception:
     """Save the adapter so far and a resumable state (also without ``--save_state``), then the error to raise: it
     says what happened, where everything is and how to continue."""
-    save = run.settings.save
     if not run.accelerator.is_main_process:
         return error(why)
-    name = f"{save.output_name}{step_suffix(run.step)}-state"
     try:
-        adapters = run.writer.save(run.ema, run.step, suffix=step_suffix(run.step)) if run.step else []
-        folder = save_state_folder(save, name, run.networks.trainable, run.ema, run.optimizer, run.lr_scheduler,
-                                   run.progress())
+        adapters, folder = save_step(run, adapter=run.step > 0)
     except OSError as exc:
         adapters, folder = rescue(run, exc)
     kept = f"the adapter so far is {adapters[0]}; " if adapters else ""
@@ -329,10 +325,20 @@ def rescue(run: Run, exc: OSError) -> tuple[list[Path], Path]:
     save = run.settings.save
     folder = Path(tempfile.gettempdir()) / f"codi-rescue-{save.output_name}-{guard.timestamp()}"
     run.say(f"codi: could not write in {save.output_dir} ({exc.strerror or exc}): saving to {folder} instead")
-    adapters = run.writer.save(run.ema, run.step, folder=folder)
-    state_folder = save_state_folder(save, f"{save.output_name}{step_suffix(run.step)}-state",
-                                     run.networks.trainable, run.ema, run.optimizer, run.lr_scheduler,
-                                     run.progress(), folder=folder)
+    return save_step(run, folder=folder)
+
+
+def save_step(run: Run, folder: Path | None = None, adapter: bool = True, with_state: bool = True
+              ) -> tuple[list[Path], Path | None]:
+    """The EMA adapter after this step (``<output_name>-stepNNNNNNNN.safetensors``; not with ``adapter`` False) and
+    its resumable state (``...-stepNNNNNNNN-state``; not with ``with_state`` False), in the output folder or in
+    ``folder``; returns ``(adapter paths, state folder or None)``. An OSError (disk full, folder gone) propagates."""
+    save, suffix = run.settings.save, step_suffix(run.step)
+    adapters = run.writer.save(run.ema, run.step, suffix=suffix, folder=folder) if adapter else []
+    state_folder = None
+    if with_state:
+        state_folder = save_state_folder(save, f"{save.output_name}{suffix}-state", run.networks.trainable,
+                                         run.ema, run.optimizer, run.lr_scheduler, run.progress(), folder=folder)
     return adapters, state_folder
 
 
@@ -352,11 +358,7 @@ def after_step(run: Run, progress_bar) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             try:
-                run.last_saved = run.writer.save(run.ema, run.step, suffix=step_suffix(run.step))
-                if save.save_state:
-                    save_state_folder(save, f"{save.output_name}{step_suffix(run.step)}-state",
-                                      run.networks.trainable, run.ema, run.optimizer, run.lr_scheduler,
-                                      run.progress())
+                run.last_saved, _ = save_step(run, with_state=save.save_state)
             except OSError as exc:
                 adapters, folder = rescue(run, exc)
                 raise TrainingStopped(f"could not save step {run.step} in {save.output_dir} ({exc.strerror or exc}); "
