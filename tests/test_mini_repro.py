@@ -42,6 +42,13 @@ def test_run_table_shares_one_budget_seeds_the_headline_rows_and_orders_dependen
     assert [p["steps"] for p in main if p["run"] == "sr_controlnet_seed0"] == [50, 8, 4, 2, 1]
     assert [p["steps"] for p in main if p["run"] == "sr_controlnet_seed1"] == [50, 4]
     assert {p["start"] for p in plans if p["table"] == "supplementary"} == {1.0, 0.5}
+    # lanes take the two-stage training right after its ControlNet's, before that ControlNet's scoring
+    chosen = [r for r in runs if r["name"] in {"sr_controlnet_seed0", "sr_pe_codi_seed0", "sr_two_stage_seed0"}]
+    order = [(kind, run["name"]) for kind, run in repro.task_order(chosen, "all")]
+    assert order == [("train", "sr_controlnet_seed0"), ("train", "sr_two_stage_seed0"),
+                     ("score", "sr_controlnet_seed0"), ("score", "sr_two_stage_seed0"),
+                     ("train", "sr_pe_codi_seed0"), ("score", "sr_pe_codi_seed0")]
+    assert [k for k, _ in repro.task_order(chosen, "eval")] == ["score"] * 3
     quick = repro.run_table(["sr"], quick=True)
     assert {r["method"] for r in quick} == {"controlnet", "pe_codi", "codi_lora", "two_stage", "base"}
     assert [r["name"] for r in quick if not r.get("train", True)] == ["sr_base_alone"]  # sampled, never trained

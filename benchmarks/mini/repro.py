@@ -223,37 +223,114 @@ def train_run(run: dict, args, data: dict[str, Path]) -> dict:
 
 
 def run_all(runs: list[dict], args, data) -> None:
-    """Train and score ``runs``, ``--jobs`` at a time, each job one run: train it (``--phase all``/``train``; skipped
-    for a sampling-only run), then score it in a subprocess (``--phase all``/``eval``) into the ledger. Under
-    ``--phase all`` a run whose result is already in the ledger (same settings) is skipped altogether. A two-stage run
-    waits for its ControlNet's job; when that ControlNet was skipped (its result came from the ledger of an earlier
-    session, its adapter is not in this work folder) the two-stage job trains it again first."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Train and score ``runs``, ``--jobs`` tasks at a time: each run's training (``--phase all``/``train``; none for
+    a sampling-only run) and its scoring in a subprocess (``--phase all``/``eval``) into the ledger. Under ``--phase
+    all`` a run already in the ledger (same settings) is skipped altogether. When a lane frees it takes the first
+    task of :func:`task_order` whose inputs are ready, so a two-stage run starts training as soon as its ControlNet
+    is trained, while another lane scores that ControlNet. A two-stage run whose ControlNet is not in this work folder
+    (it came from the ledger of an earlier session) trains that ControlNet again first."""
+    import threading
 
     by_name = {r["name"]: r for r in runs}
-    futures = {}
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        def job(run):
-            if args.phase == "all" and ledger_entry(args, run) is not None:
-                print(f"repro: {run['name']}: in the ledger, skipped", flush=True)
-                return
-            if args.phase in ("all", "train") and run.get("train", True):
-                needs = run.get("needs")
-                if needs in futures:
-                    futures[needs].result()
-                if needs and not adapter_path(args.work, needs).is_file() and needs in by_name:
-                    train_run(by_name[needs], args, data)
-                train_run(run, args, data)
-            if args.phase in ("all", "eval"):
-                if run.get("train", True) and not adapter_path(args.work, run["name"]).is_file():
-                    print(f"repro: {run['name']}: not trained in {args.work}, not scored", flush=True)
-                    return
-                score_in_subprocess(run, args)
+    tasks = task_order([r for r in runs if not (args.phase == "all" and skipped(args, r))], args.phase)
+    done: dict[tuple, bool] = {}  # task -> succeeded
+    started: set = set()
+    errors: list[BaseException] = []
+    cond = threading.Condition()
 
-        for run in runs:
-            futures[run["name"]] = pool.submit(job, run)
-        for future in futures.values():
-            future.result()  # re-raises a failed run's SystemExit
+    def ready(task) -> bool | None:
+        """True to run, None to drop (an input failed), False to wait."""
+        kind, run = task
+        inputs = [("train", run["name"])] if kind == "score" else []
+        if kind == "train" and run.get("needs"):
+            inputs.append(("train", run["needs"]))
+        inputs = [i for i in inputs if i in {(k, r["name"]) for k, r in tasks}]
+        if any(done.get(i) is False for i in inputs):
+            return None
+        return all(i in done for i in inputs)
+
+    def execute(task) -> None:
+        kind, run = task
+        if kind == "score":
+            if run.get("train", True) and not adapter_path(args.work, run["name"]).is_file():
+                print(f"repro: {run['name']}: not trained in {args.work}, not scored", flush=True)
+                return
+            score_in_subprocess(run, args)
+            return
+        needs = run.get("needs")
+        if needs and not adapter_path(args.work, needs).is_file() and needs in by_name:
+            train_run(by_name[needs], args, data)
+        train_run(run, args, data)
+
+    def lane() -> None:
+        while True:
+            with cond:
+                while True:
+                    pending = [t for t in tasks if (t[0], t[1]["name"]) not in started]
+                    if not pending:
+                        return
+                    states = [(t, ready(t)) for t in pending]
+                    for t, state in states:
+                        if state is None:  # an input failed: this task cannot run
+                            started.add((t[0], t[1]["name"]))
+                            done[(t[0], t[1]["name"])] = False
+                    choice = next((t for t, state in states if state), None)
+                    if choice is not None:
+                        started.add((choice[0], choice[1]["name"]))
+                        break
+                    if all(state is None for _, state in states):
+                        continue
+                    cond.wait()
+            key = (choice[0], choice[1]["name"])
+            try:
+                execute(choice)
+                ok = True
+            except BaseException as exc:  # a failed run's SystemExit: the others go on, it is re-raised at the end
+                errors.append(exc)
+                ok = False
+            with cond:
+                done[key] = ok
+                cond.notify_all()
+
+    lanes = [threading.Thread(target=lane) for _ in range(max(1, args.jobs))]
+    for thread in lanes:
+        thread.start()
+    for thread in lanes:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def skipped(args, run: dict) -> bool:
+    if ledger_entry(args, run) is None:
+        return False
+    print(f"repro: {run['name']}: in the ledger, skipped", flush=True)
+    return True
+
+
+def task_order(runs: list[dict], phase: str) -> list[tuple[str, dict]]:
+    """``[("train" | "score", run)]`` in the order lanes take them when ready: each run's training, then the trainings
+    that wait for it (a two-stage run after its ControlNet: the longest chain starts first), then its scoring."""
+    train = phase in ("all", "train")
+    score = phase in ("all", "eval")
+    dependents: dict[str, list[dict]] = {}
+    for run in runs:
+        if run.get("needs"):
+            dependents.setdefault(run["needs"], []).append(run)
+    names = {r["name"] for r in runs}
+    tasks: list[tuple[str, dict]] = []
+    for run in runs:
+        if run.get("needs") in names and train:
+            continue  # placed right after the run it needs
+        if train and run.get("train", True):
+            tasks.append(("train", run))
+        if train:
+            tasks += [("train", d) for d in dependents.get(run["name"], [])]
+        if score:
+            tasks.append(("score", run))
+            if train:
+                tasks += [("score", d) for d in dependents.get(run["name"], [])]
+    return tasks
 
 
 def adapter_path(work: Path, run: str) -> Path:
