@@ -70,6 +70,13 @@ def test_verdicts_take_the_seed_spread_into_account():
     assert checks["PE-CoDi at 4 steps better than ControlNet at 4"] == "holds"
     assert checks["PE-CoDi at 4 steps better than the two-stage baseline at 4"] == "not shown (within the spread)"
     assert repro.compare(entries[1], entries[2])["verdict"] == "worse"
+    # PSNR and FD-patch disagreeing is neither "holds" nor "opposite"
+    entries[3] = entry("Two-stage (ControlNet + LCM)", 4, [17.7, 18.2, 17.5], [5, 6, 5])
+    checks = {c["claim"]: c["verdict"] for c in repro.verdicts(entries, "sr")}
+    assert checks["PE-CoDi at 4 steps better than the two-stage baseline at 4"] == "mixed: PSNR better, FD-patch worse"
+    entries[2] = entry("PE-CoDi", 4, [19.8, 20.3, 19.4], [31, 32, 33])  # PSNR close to ControlNet-50, FD far worse
+    checks = {c["claim"]: c["verdict"] for c in repro.verdicts(entries, "sr")}
+    assert checks["PE-CoDi at 4 steps within 0.5 dB of ControlNet at 50"] == "mixed: PSNR within 0.5 dB, FD-patch worse"
 
 
 def test_repro_trains_resumes_scores_into_the_ledger_and_skips_what_it_holds(tmp_path):
