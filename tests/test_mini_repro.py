@@ -79,6 +79,40 @@ def test_verdicts_take_the_seed_spread_into_account():
     assert checks["PE-CoDi at 4 steps within 0.5 dB of ControlNet at 50"] == "mixed: PSNR within 0.5 dB, FD-patch worse"
 
 
+def test_inpainting_is_judged_on_the_hole_with_the_known_pixels_pasted_back():
+    import torch
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "benchmarks" / "mini"))
+    import features
+
+    net = features.load_feature_net(REPO / "benchmarks" / "mini" / "featnet" / "feature_net.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.rand((24, 3, 64, 64), generator=generator)
+    hole = torch.zeros((1, 64, 64))
+    hole[:, 16:48, 16:48] = 1
+    pairs = [SimpleNamespace(target=t, hint=torch.where(hole.bool(), -1.0, t)) for t in targets]
+    # right inside the hole, wrong everywhere else: only the composite sees it as (nearly) the target
+    outputs = [torch.where(hole.bool(), t, 1 - t) for t in targets]
+    scores = repro.score(outputs, pairs, "inpaint", net)
+    assert scores["masked_psnr"] > 60 and scores["psnr"] < 15
+    assert scores["fd_patch_composite"] < 1e-3 < scores["fd_patch"]
+
+    def entry(method, steps, masked, fd, pasted):
+        row = {"method": method, "steps": steps, "table": "main", "psnr": (14.0, 0.0, 1, [14.0])}
+        for key, value in (("masked_psnr", masked), ("fd_patch", fd), ("fd_patch_composite", pasted)):
+            row[key] = (value, 0.0, 1, [value])
+        return row
+
+    entries = [entry("ControlNet (DDIM)", 50, 13.0, 50.0, 10.0), entry("ControlNet (DDIM)", 4, 12.0, 60.0, 12.0),
+               entry("PE-CoDi", 4, 12.9, 40.0, 14.0)]
+    checks = {c["claim"]: c for c in repro.verdicts(entries, "inpaint")}
+    within = checks["PE-CoDi at 4 steps within 0.5 dB of ControlNet at 50"]
+    assert within["metrics"] == ["masked_psnr", "fd_patch_composite"]
+    assert within["verdict"] == "mixed: PSNR within 0.5 dB, FD-patch worse"  # 14 vs 10 pasted, not 40 vs 50 raw
+    assert repro.claim_metrics(entries, "sr") == ("psnr", "fd_patch")
+
+
 def test_repro_trains_resumes_scores_into_the_ledger_and_skips_what_it_holds(tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
     args = [*TINY, "--work", str(work), "--results", str(results)]
