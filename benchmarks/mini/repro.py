@@ -1,6 +1,6 @@
 """Miniature reproduction of the CoDi paper's tables: one command trains every method and writes the tables.
 
-    .venv/bin/python benchmarks/mini/repro.py                  # everything (resumable; 6-7 h on 2 CPU cores)
+    .venv/bin/python benchmarks/mini/repro.py                  # what the ledger lacks (all of it: 7-8 h, 2 cores)
     .venv/bin/python benchmarks/mini/repro.py --quick          # headline rows, SR, one seed, short runs (~30 min)
     .venv/bin/python benchmarks/mini/repro.py --phase eval     # re-score the trained adapters only
 
@@ -15,7 +15,7 @@ encoder copy + hint CNN 16,32 + zero convs) with the same budget (steps x batch)
     two_stage    ``controlnet`` then LCM-style consistency distillation of it (``--ode_model teacher``, lambda 0),
                  4 steps
     ablations    (SR) CoDi at 4 steps with: the one-step ODE from the frozen base, eps-space consistency, one t per
-                 sample, lambda = 0.1, grid N = 20, and both Min-SNR-5 weightings
+                 sample, lambda = 0.1, grid N = 20
 
 for the tasks ``sr`` (4x), ``inpaint`` and ``gray`` (colorization). The headline rows train with several seeds
 (``SEEDS``): their table cells are mean ± std over seeds, and the verdicts against the paper's claims take that spread
@@ -57,8 +57,9 @@ METHOD_FLAGS = {"controlnet": ["--loss", "diffusion"], "pe_codi": [], "codi_lora
                 "two_stage": ["--ode_model", "teacher", "--guidance_weight", "0"]}
 # Seeds per (task, method). The rows the paper's claims compare (ControlNet 50/4, PE-CoDi and CoDi + UNet LoRA at 4)
 # train three seeds on SR, the two most compared ones (ControlNet, PE-CoDi) three on inpainting; the two-stage baseline,
-# far from the others in every measurement so far, and the third task train one. That keeps the whole protocol near
-# the ~4 h budget on two cores (benchmarks/results/mini_repro.md has the measured times).
+# far from the others in every measurement so far, and the third task train one. Even so the whole protocol is 7-8 h
+# at two jobs on a fast 2-core machine (benchmarks/results/mini_repro.md has the measured times); the committed
+# ledger lets it accumulate over several sittings.
 SEEDS = {"sr": {"controlnet": 3, "pe_codi": 3, "codi_lora": 3, "two_stage": 1},
          "inpaint": {"controlnet": 3, "pe_codi": 3, "codi_lora": 1, "two_stage": 1},
          "gray": {"controlnet": 1, "pe_codi": 1, "codi_lora": 1, "two_stage": 1}}
