@@ -83,7 +83,6 @@ def test_inpainting_is_judged_on_the_hole_with_the_known_pixels_pasted_back():
     import torch
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(REPO / "benchmarks" / "mini"))
     import features
 
     net = features.load_feature_net(REPO / "benchmarks" / "mini" / "featnet" / "feature_net.safetensors")
@@ -91,7 +90,7 @@ def test_inpainting_is_judged_on_the_hole_with_the_known_pixels_pasted_back():
     targets = torch.rand((24, 3, 64, 64), generator=generator)
     hole = torch.zeros((1, 64, 64))
     hole[:, 16:48, 16:48] = 1
-    pairs = [SimpleNamespace(target=t, hint=torch.where(hole.bool(), -1.0, t)) for t in targets]
+    pairs = [SimpleNamespace(target=t, hint=torch.where(hole.bool(), -1.0, t), mask=None) for t in targets]
     # right inside the hole, wrong everywhere else: only the composite sees it as (nearly) the target
     outputs = [torch.where(hole.bool(), t, 1 - t) for t in targets]
     scores = repro.score(outputs, pairs, "inpaint", net)

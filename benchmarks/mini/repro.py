@@ -522,6 +522,7 @@ def colour_statistics(images, targets, noises=None) -> dict:
 def score(images, pairs, task: str, feature_net, noises=None) -> dict:
     import torch
 
+    from trainer.evaluation.evaluate import mask_of
     from trainer.evaluation.metrics import masked_psnr, psnr, ssim
 
     pred = torch.stack(images)
@@ -529,7 +530,7 @@ def score(images, pairs, task: str, feature_net, noises=None) -> dict:
     out = {"psnr": float(psnr(pred, target).mean()), "ssim": float(ssim(pred, target).mean())}
     composite = None
     if task == "inpaint":
-        masks = torch.stack([(p.hint[:1] < 0).float() for p in pairs])
+        masks = torch.stack([mask_of(p) for p in pairs])  # the mask the mean-fill baseline fills
         out["masked_psnr"] = float(masked_psnr(pred, target, masks).mean())
         # what an inpainting user gets: the known pixels pasted back over the output (the ComfyUI workflow's
         # ImageCompositeMasked), so only the filled hole is judged
@@ -684,6 +685,8 @@ def condition_image(pair, task: str):
 # ------------------------------------------------------------------------------------------------ tables, verdicts
 
 METRICS = ("psnr", "ssim", "masked_psnr", "fd_patch", "fd_patch_composite", "kd_patch", "colour_corr_min")
+METRIC_HEADS = {"psnr": "PSNR", "masked_psnr": "PSNR in mask", "fd_patch": "FD-patch",
+                "fd_patch_composite": "FD-patch, known pixels pasted back"}
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -850,9 +853,7 @@ def markdown_tables(results: dict) -> str:
                        "one seed borrows the other's spread, and with one seed on both sides only differences over "
                        "0.5 dB PSNR / 10 % FD-patch are called: indicative only. The verdict weighs both metrics: "
                        "holds when one is better and neither worse, mixed when they disagree)\n")
-            heads = {"psnr": "PSNR", "masked_psnr": "PSNR in mask", "fd_patch": "FD-patch",
-                     "fd_patch_composite": "FD-patch, known pixels pasted back"}
-            fidelity, realism = (heads[m] for m in checks[0]["metrics"])
+            fidelity, realism = (METRIC_HEADS[m] for m in checks[0]["metrics"])
             out.append(f"| claim | {fidelity} difference | {realism} difference (positive = first is better) | "
                        "verdict |")
             out.append("|---|---|---|---|")
