@@ -36,7 +36,11 @@ def test_run_table_shares_one_budget_seeds_the_headline_rows_and_orders_dependen
     # seed by seed: every method's seed 0 before any seed 1, so a stopped benchmark has whole rows
     sr_order = [(r["seed"], r["method"]) for r in runs if r["task"] == "sr" and r["method"] != "ablation"]
     assert sr_order.index((0, "codi_lora")) < sr_order.index((1, "controlnet"))
-    assert len([r for r in runs if r["method"] == "ablation"]) == len(repro.ABLATIONS)
+    assert len([r for r in runs if r["method"] == "ablation" and not r.get("of")]) == len(repro.ABLATIONS)
+    # the EMA check: per task, PE-CoDi seed 0's raw weights, sampled only, after that run's training
+    checks = [r for r in runs if r.get("of")]
+    assert [(r["task"], r["of"]) for r in checks] == [(t, f"{t}_pe_codi_seed0") for t in ("sr", "inpaint", "gray")]
+    assert all(r["train"] is False and names.index(r["of"]) < names.index(r["name"]) for r in checks)
     plans = repro.sampling_plans("sr", runs)
     main = [p for p in plans if p["table"] == "main"]
     assert [p["steps"] for p in main if p["run"] == "sr_controlnet_seed0"] == [50, 8, 4, 2, 1]
@@ -113,6 +117,8 @@ def test_inpainting_is_judged_on_the_hole_with_the_known_pixels_pasted_back():
 
 
 def test_repro_trains_resumes_scores_into_the_ledger_and_skips_what_it_holds(tmp_path):
+    import torch
+
     work, results = tmp_path / "work", tmp_path / "results"
     args = [*TINY, "--work", str(work), "--results", str(results)]
     only = ["--only", "sr_controlnet_seed0,sr_two_stage_seed0"]
@@ -174,6 +180,23 @@ def test_repro_trains_resumes_scores_into_the_ledger_and_skips_what_it_holds(tmp
     assert repro.main([*fresh, *only]) == 0
     assert (tmp_path / "fresh" / "runs" / "sr_controlnet_seed0" / "done.json").is_file()
     assert (ledger / "sr_two_stage_seed0.json").is_file()
+
+    # the EMA check samples the raw weights of a run's final training state (not the saved EMA adapter), once that
+    # run is trained
+    from safetensors.torch import load_file
+
+    assert repro.main([*fresh, "--only", "sr_pe_codi_seed0_no_ema,sr_pe_codi_seed0"]) == 0
+    check = json.loads((ledger / "sr_pe_codi_seed0_no_ema.json").read_text())
+    assert [(r["method"], r["steps"], r["table"]) for r in check["rows"]] == [
+        (f"ablation: {repro.NO_EMA_LABEL}", 4, "ablations")]
+    _, raw = repro.load_run(tmp_path / "fresh", "sr_pe_codi_seed0", raw=True)
+    _, ema = repro.load_run(tmp_path / "fresh", "sr_pe_codi_seed0")
+    state = load_file(str(repro.raw_weights_path(tmp_path / "fresh", "sr_pe_codi_seed0")))
+    raw_weights, ema_weights = dict(raw.trainable_named_parameters()), dict(ema.trainable_named_parameters())
+    assert all(torch.equal(p, state[f"adapter.{n}"]) for n, p in raw_weights.items())
+    assert any(not torch.equal(p, ema_weights[n]) for n, p in raw_weights.items())
+    tables = (results / "mini_repro_tables.md").read_text()
+    assert "#### 4x super-resolution: ablations against PE-CoDi at 4 steps" in tables and repro.NO_EMA_LABEL in tables
 
 
 def test_colour_statistics_split_the_error_and_find_where_the_colour_comes_from():

@@ -16,6 +16,8 @@ encoder copy + hint CNN 16,32 + zero convs) with the same budget (steps x batch)
                  4 steps
     ablations    (SR) CoDi at 4 steps with: the one-step ODE from the frozen base, eps-space consistency, one t per
                  sample, lambda = 0.1, grid N = 20
+    EMA check    (every task) PE-CoDi seed 0 at 4 steps with the raw weights of its final training state instead of
+                 their EMA (what the trainer saves): sampled only, ``<task>_pe_codi_seed0_no_ema``
 
 for the tasks ``sr`` (4x), ``inpaint`` and ``gray`` (colorization). The headline rows train with several seeds
 (``SEEDS``): their table cells are mean ± std over seeds, and the verdicts against the paper's claims take that spread
@@ -69,6 +71,10 @@ ABLATIONS = {"ode_base": (["--ode_model", "base"], "ODE model = frozen base"),
              "per_sample_t": (["--shared_timestep", "false"], "one t per sample"),
              "lambda_0.1": (["--guidance_weight", "0.1"], "lambda = 0.1"),
              "grid_20": (["--distill_grid", "20"], "grid N = 20")}
+# The EMA check (every task, not quick): PE-CoDi seed 0's raw weights at the end of training, sampled like its EMA
+# adapter (what the trainer saves), so the EMA default (``--ema_decay``; 0.99 here) is measured, not assumed. Sampled
+# only: the weights come from that run's final training state.
+NO_EMA_LABEL = "no EMA (the run's raw weights)"
 METHOD_LABELS = {"controlnet": "ControlNet (DDIM)", "two_stage": "Two-stage (ControlNet + LCM)",
                  "pe_codi": "PE-CoDi", "codi_lora": "CoDi + UNet LoRA"}
 
@@ -79,7 +85,8 @@ def run_name(task: str, method: str, seed: int) -> str:
 
 def run_table(tasks, quick: bool = False) -> list[dict]:
     """The runs, in order (the two-stage run needs its ControlNet, listed earlier): per task the headline methods
-    seed by seed, SR first with its ablations and a sampling-only run of the base alone (``"train": False``), so an
+    seed by seed, SR first with its ablations and a sampling-only run of the base alone (``"train": False``), then
+    per task the EMA check (sampled only, from the final training state of the run it names in ``"of"``), so an
     interrupted benchmark has whole tables sooner."""
     runs = []
     for task in tasks:
@@ -94,6 +101,10 @@ def run_table(tasks, quick: bool = False) -> list[dict]:
         if task == "sr" and not quick:
             runs += [{"name": f"sr_ablation_{key}", "task": "sr", "method": "ablation", "seed": 0, "flags": flags,
                       "label": label} for key, (flags, label) in ABLATIONS.items()]
+        if not quick:
+            source = run_name(task, "pe_codi", 0)
+            runs.append({"name": f"{source}_no_ema", "task": task, "method": "ablation", "seed": 0, "flags": [],
+                         "label": NO_EMA_LABEL, "of": source, "train": False})
         if task == "sr":  # the supplementary rows of the base alone: sampled, nothing trained
             runs.append({"name": "sr_base_alone", "task": "sr", "method": "base", "seed": 0, "flags": [],
                          "train": False})
@@ -229,7 +240,8 @@ def run_all(runs: list[dict], args, data) -> None:
     all`` a run already in the ledger (same settings) is skipped altogether. When a lane frees it takes the first
     task of :func:`task_order` whose inputs are ready, so a two-stage run starts training as soon as its ControlNet
     is trained, while another lane scores that ControlNet. A two-stage run whose ControlNet is not in this work folder
-    (it came from the ledger of an earlier session) trains that ControlNet again first."""
+    (it came from the ledger of an earlier session) trains that ControlNet again first; so does, under ``--phase
+    all``, an EMA check whose PE-CoDi run is not here (``--only`` must name that run too)."""
     import threading
 
     by_name = {r["name"]: r for r in runs}
@@ -243,6 +255,8 @@ def run_all(runs: list[dict], args, data) -> None:
         """True to run, None to drop (an input failed), False to wait."""
         kind, run = task
         inputs = [("train", run["name"])] if kind == "score" else []
+        if kind == "score" and run.get("of"):  # the EMA check samples the raw weights of a run trained here
+            inputs.append(("train", run["of"]))
         if kind == "train" and run.get("needs"):
             inputs.append(("train", run["needs"]))
         inputs = [i for i in inputs if i in {(k, r["name"]) for k, r in tasks}]
@@ -253,7 +267,12 @@ def run_all(runs: list[dict], args, data) -> None:
     def execute(task) -> None:
         kind, run = task
         if kind == "score":
-            if run.get("train", True) and not adapter_path(args.work, run["name"]).is_file():
+            source = run.get("of")
+            if (source and args.phase == "all" and source in by_name
+                    and not raw_weights_path(args.work, source).is_file()):
+                train_run(by_name[source], args, data)  # scored from the ledger in an earlier session: train again
+            trained = (raw_weights_path if source else adapter_path)(args.work, source or run["name"]).is_file()
+            if (run.get("train", True) or source) and not trained:
                 print(f"repro: {run['name']}: not trained in {args.work}, not scored", flush=True)
                 return
             score_in_subprocess(run, args)
@@ -336,6 +355,11 @@ def task_order(runs: list[dict], phase: str) -> list[tuple[str, dict]]:
 
 def adapter_path(work: Path, run: str) -> Path:
     return work / "runs" / run / f"{run}.safetensors"
+
+
+def raw_weights_path(work: Path, run: str) -> Path:
+    """The trainable weights (not their EMA) at the end of a run: its final training state's."""
+    return work / "runs" / run / f"{run}-state" / "trainable.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ the ledger
@@ -443,9 +467,13 @@ def starting_noise(seed: int, indices):
     return torch.stack([torch.randn((3, 64, 64), generator=torch.Generator().manual_seed(seed + i)) for i in indices])
 
 
-def load_run(work: Path, run: str | None, base_path: Path = BASE):
+def load_run(work: Path, run: str | None, base_path: Path = BASE, raw: bool = False):
     """``(base, adapter)`` of a trained run (``run`` None: the base alone, adapter None), on a fresh base (a UNet LoRA
-    is injected into it); None when the run has no adapter yet."""
+    is injected into it); None when the run has no adapter yet. ``raw``: the adapter holds the run's final trainable
+    weights instead of their EMA (the saved file), for the EMA check; adapter-only runs."""
+    import torch
+    from safetensors.torch import load_file
+
     from trainer.adapters.files import load_adapter
     from trainer.models import load_base_model
 
@@ -454,7 +482,17 @@ def load_run(work: Path, run: str | None, base_path: Path = BASE):
         print(f"repro: skipping {run}: {path} not trained", flush=True)
         return None
     base = load_base_model(base_path)
-    return base, None if path is None else load_adapter(base, path).adapter
+    if path is None:
+        return base, None
+    loaded = load_adapter(base, path)
+    if raw:
+        if loaded.unet_lora is not None:
+            raise SystemExit(f"repro: {run}: the EMA check takes adapter-only runs (this one has a UNet LoRA)")
+        weights = load_file(str(raw_weights_path(work, run)))
+        with torch.no_grad():
+            for name, param in loaded.adapter.trainable_named_parameters():
+                param.copy_(weights[f"adapter.{name}"])
+    return base, loaded.adapter
 
 
 def generate(base, adapter, pairs, plan: dict, seed: int, batch: int, grid: int = 50) -> tuple[list, float, int]:
@@ -595,7 +633,7 @@ def score_run(args, data, run: dict, runs: list[dict]) -> dict:
     task = run["task"]
     pairs, noises = task_pairs(args, data, task)
     name = None if run["method"] == "base" else run["name"]
-    models = load_run(args.work, name, args.base)
+    models = load_run(args.work, run.get("of", name), args.base, raw=bool(run.get("of")))
     if models is None:
         raise SystemExit(f"repro: {run['name']} has no adapter in {args.work}: train it first")
     grid = int(run["flags"][run["flags"].index("--distill_grid") + 1]) if "--distill_grid" in run["flags"] else 50
@@ -797,19 +835,22 @@ def verdicts(entries: list[dict], task: str) -> list[dict]:
     return out
 
 
-def ablation_verdicts(entries: list[dict]) -> list[dict]:
-    """The SR ablations against the PE-CoDi default at 4 steps (the paper's direction in brackets)."""
+def ablation_verdicts(entries: list[dict], task: str) -> list[dict]:
+    """A task's ablations (SR: the paper's; every task: the EMA check) against the PE-CoDi default at 4 steps, on the
+    task's :func:`claim_metrics`, with the paper's direction for the ablated variant where it reports one."""
     reference = find(entries, "PE-CoDi", 4)
+    fidelity, realism = claim_metrics(entries, task)
     expected = {"ODE model = frozen base": "worse", "eps-space consistency": "better", "one t per sample": "worse",
-                "lambda = 0.1": None, "grid N = 20": None}
+                "lambda = 0.1": None, "grid N = 20": None, NO_EMA_LABEL: None}
     out = []
     for label, direction in expected.items():
         entry = find(entries, f"ablation: {label}", 4, "ablations")
         if entry is None or reference is None:
             continue
-        psnr = compare(entry, reference, "psnr")
-        fd = compare(entry, reference, "fd_patch", higher_is_better=False)
-        out.append({"ablation": label, "paper": direction, "psnr": psnr, "fd_patch": fd})
+        psnr = compare(entry, reference, fidelity)
+        fd = compare(entry, reference, realism, higher_is_better=False)
+        out.append({"ablation": label, "paper": direction, "psnr": psnr, "fd_patch": fd,
+                    "metrics": [fidelity, realism]})
     return out
 
 
@@ -862,18 +903,18 @@ def markdown_tables(results: dict) -> str:
                            f"{c['fd_patch']['difference']:+.2f} ± {c['fd_patch']['standard_error']:.2f} | "
                            f"{c['verdict']} |")
             out.append("")
-        if task == "sr":
-            ablations = ablation_verdicts(entries)
-            if ablations:
-                out.append("#### 4x super-resolution: ablations against PE-CoDi at 4 steps\n")
-                out.append("| ablation | PSNR difference | FD-patch difference (positive = ablation is better) | "
-                           "verdict (PSNR / FD-patch, vs the spread) | paper's direction for the ablated variant |")
-                out.append("|---|---|---|---|---|")
-                for a in ablations:
-                    out.append(f"| {a['ablation']} | {a['psnr']['difference']:+.2f} ± "
-                               f"{a['psnr']['standard_error']:.2f} | {a['fd_patch']['difference']:+.2f} | "
-                               f"{a['psnr']['verdict']} / {a['fd_patch']['verdict']} | {a['paper'] or '–'} |")
-                out.append("")
+        ablations = ablation_verdicts(entries, task)
+        if ablations:
+            fidelity, realism = (METRIC_HEADS[m] for m in ablations[0]["metrics"])
+            out.append(f"#### {name}: ablations against PE-CoDi at 4 steps\n")
+            out.append(f"| ablation | {fidelity} difference | {realism} difference (positive = ablation is better) | "
+                       f"verdict ({fidelity} / {realism}, vs the spread) | paper's direction for the ablated variant |")
+            out.append("|---|---|---|---|---|")
+            for a in ablations:
+                out.append(f"| {a['ablation']} | {a['psnr']['difference']:+.2f} ± "
+                           f"{a['psnr']['standard_error']:.2f} | {a['fd_patch']['difference']:+.2f} | "
+                           f"{a['psnr']['verdict']} / {a['fd_patch']['verdict']} | {a['paper'] or '–'} |")
+            out.append("")
     return "\n".join(out)
 
 
@@ -896,8 +937,8 @@ def main(argv=None) -> int:
         return 0
     results, grids = assemble(args, data, runs)
     results["verdicts"] = {task: verdicts(aggregate(d["rows"]), task) for task, d in results["tasks"].items()}
-    if "sr" in results["tasks"]:
-        results["ablation_verdicts"] = ablation_verdicts(aggregate(results["tasks"]["sr"]["rows"]))
+    results["ablation_verdicts"] = {task: ablation_verdicts(aggregate(d["rows"]), task)
+                                    for task, d in results["tasks"].items()}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"mini_repro{args.suffix}_metrics.json").write_text(json.dumps(portable(results), indent=1))
     (args.results / f"mini_repro{args.suffix}_tables.md").write_text(markdown_tables(results))
