@@ -268,11 +268,13 @@ def run_all(runs: list[dict], args, data) -> None:
         kind, run = task
         if kind == "score":
             source = run.get("of")
-            if (source and args.phase == "all" and source in by_name
-                    and not raw_weights_path(args.work, source).is_file()):
-                train_run(by_name[source], args, data)  # scored from the ledger in an earlier session: train again
-            trained = (raw_weights_path if source else adapter_path)(args.work, source or run["name"]).is_file()
-            if (run.get("train", True) or source) and not trained:
+            if source:  # the EMA check samples the raw weights of a run trained in this work folder
+                if args.phase == "all" and source in by_name and not raw_weights_path(args.work, source).is_file():
+                    train_run(by_name[source], args, data)  # scored from the ledger in an earlier session: again
+                missing = not raw_weights_path(args.work, source).is_file()
+            else:
+                missing = run.get("train", True) and not adapter_path(args.work, run["name"]).is_file()
+            if missing:
                 print(f"repro: {run['name']}: not trained in {args.work}, not scored", flush=True)
                 return
             score_in_subprocess(run, args)
