@@ -36,7 +36,11 @@ def test_run_table_shares_one_budget_seeds_the_headline_rows_and_orders_dependen
     # seed by seed: every method's seed 0 before any seed 1, so a stopped benchmark has whole rows
     sr_order = [(r["seed"], r["method"]) for r in runs if r["task"] == "sr" and r["method"] != "ablation"]
     assert sr_order.index((0, "codi_lora")) < sr_order.index((1, "controlnet"))
-    assert len([r for r in runs if r["method"] == "ablation" and not r.get("of")]) == len(repro.ABLATIONS)
+    ablations = [r for r in runs if r["method"] == "ablation" and not r.get("of")]
+    assert len(ablations) == sum(repro.ABLATION_SEEDS.get(key, 1) for key in repro.ABLATIONS)
+    # seed 0 keeps the ledger's name; the extra seeds of an ablation train with their own --seed
+    assert [(r["name"], r["seed"]) for r in ablations if "eps-space" in r["label"]] == [
+        ("sr_ablation_eps_space", 0), ("sr_ablation_eps_space_seed1", 1), ("sr_ablation_eps_space_seed2", 2)]
     # the EMA check: per task, PE-CoDi seed 0's raw weights, sampled only, after that run's training
     checks = [r for r in runs if r.get("of")]
     assert [(r["task"], r["of"]) for r in checks] == [(t, f"{t}_pe_codi_seed0") for t in ("sr", "inpaint", "gray")]

@@ -15,7 +15,7 @@ encoder copy + hint CNN 16,32 + zero convs) with the same budget (steps x batch)
     two_stage    ``controlnet`` then LCM-style consistency distillation of it (``--ode_model teacher``, lambda 0),
                  4 steps
     ablations    (SR) CoDi at 4 steps with: the one-step ODE from the frozen base, eps-space consistency, one t per
-                 sample, lambda = 0.1, grid N = 20
+                 sample, lambda = 0.1, grid N = 20 (seed 0; eps-space three seeds, ``ABLATION_SEEDS``)
     EMA check    (every task) PE-CoDi seed 0 at 4 steps with the raw weights of its final training state instead of
                  their EMA (what the trainer saves): sampled only, ``<task>_pe_codi_seed0_no_ema``
 
@@ -71,6 +71,10 @@ ABLATIONS = {"ode_base": (["--ode_model", "base"], "ODE model = frozen base"),
              "per_sample_t": (["--shared_timestep", "false"], "one t per sample"),
              "lambda_0.1": (["--guidance_weight", "0.1"], "lambda = 0.1"),
              "grid_20": (["--distill_grid", "20"], "grid N = 20")}
+# An ablation that a single seed shows clearly ahead of the default could move that default, so it gets the headline
+# rows' three seeds (``sr_ablation_<key>_seed<k>`` for k >= 1; seed 0 keeps its name): eps-space consistency, which
+# the paper prefers and whose seed 0 beat all three PE-CoDi seeds on FD-patch.
+ABLATION_SEEDS = {"eps_space": 3}
 # The EMA check (every task, not quick): PE-CoDi seed 0's raw weights at the end of training, sampled like its EMA
 # adapter (what the trainer saves), so the EMA default (``--ema_decay``; 0.99 here) is measured, not assumed. Sampled
 # only: the weights come from that run's final training state.
@@ -99,8 +103,9 @@ def run_table(tasks, quick: bool = False) -> list[dict]:
                     run["needs"] = run_name(task, "controlnet", seed)
                 runs.append(run)
         if task == "sr" and not quick:
-            runs += [{"name": f"sr_ablation_{key}", "task": "sr", "method": "ablation", "seed": 0, "flags": flags,
-                      "label": label} for key, (flags, label) in ABLATIONS.items()]
+            runs += [{"name": f"sr_ablation_{key}" + (f"_seed{seed}" if seed else ""), "task": "sr",
+                      "method": "ablation", "seed": seed, "flags": flags, "label": label}
+                     for key, (flags, label) in ABLATIONS.items() for seed in range(ABLATION_SEEDS.get(key, 1))]
         if not quick:
             source = run_name(task, "pe_codi", 0)
             runs.append({"name": f"{source}_no_ema", "task": task, "method": "ablation", "seed": 0, "flags": [],
@@ -870,7 +875,7 @@ def markdown_tables(results: dict) -> str:
         entries = aggregate(data["rows"])
         extra = task == "inpaint"
         name = TASK_NAMES[task]
-        for table, title in (("main", name), ("ablations", f"{name}: ablations at 4 steps (seed 0)"),
+        for table, title in (("main", name), ("ablations", f"{name}: ablations at 4 steps"),
                              ("supplementary", f"{name}, supplementary: sampling from alpha * bicubic + sigma * noise "
                                                "(not the paper's protocol)")):
             rows = [e for e in entries if e["table"] == table]
