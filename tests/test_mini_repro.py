@@ -5,6 +5,7 @@ interruption, and the evaluation writes the metrics JSON and a grid. Real photos
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -85,6 +86,34 @@ def test_verdicts_take_the_seed_spread_into_account():
     entries[2] = entry("PE-CoDi", 4, [19.8, 20.3, 19.4], [31, 32, 33])  # PSNR close to ControlNet-50, FD far worse
     checks = {c["claim"]: c["verdict"] for c in repro.verdicts(entries, "sr")}
     assert checks["PE-CoDi at 4 steps within 0.5 dB of ControlNet at 50"] == "mixed: PSNR within 0.5 dB, FD-patch worse"
+
+
+def test_an_ablation_at_the_reference_seeds_is_compared_seed_by_seed():
+    def rows(method, table, psnrs, fds):
+        return [{"method": method, "table": table, "steps": 4, "nfe": 4, "seconds_per_image": 0.1, "seed": seed,
+                 "psnr": p, "fd_patch": f} for seed, (p, f) in enumerate(zip(psnrs, fds))]
+
+    # the seeds disagree by more than the variant's gain, but the variant gains at every one of them
+    reference = rows("PE-CoDi", "main", [16.0, 15.0, 15.6], [35.0, 52.0, 40.0])
+    variant = rows("ablation: eps-space consistency", "ablations", [16.5, 15.3, 15.9], [30.0, 44.0, 33.0])
+    single = rows("ablation: lambda = 0.1", "ablations", [16.5], [30.0])
+    entries = repro.aggregate(reference + variant + single)
+    assert repro.compare(entries[1], entries[0])["verdict"] == "tie"  # unpaired: within the seeds' spread
+    checks = {a["ablation"]: a for a in repro.ablation_verdicts(entries, "sr")}
+    eps = checks["eps-space consistency"]
+    assert eps["psnr"]["paired_seeds"] == [0, 1, 2]
+    assert eps["psnr"]["verdict"] == "better" and eps["fd_patch"]["verdict"] == "better"
+    assert abs(eps["psnr"]["difference"] - 0.3667) < 1e-3 and abs(eps["fd_patch"]["difference"] - 6.6667) < 1e-3
+    # one seed: set against the reference's same seed (+0.5 dB, not +0.97 against the mean of a lucky seed 0 and
+    # two worse ones), with the error of one seed against one
+    single = checks["lambda = 0.1"]["psnr"]
+    assert single["paired_seeds"] == [0] and abs(single["difference"] - 0.5) < 1e-9
+    assert abs(single["standard_error"] - math.sqrt(2) * repro.std([16.0, 15.0, 15.6])) < 1e-9
+    assert single["verdict"] == "tie"
+    # a variant that gains at two seeds and loses at the third is not called
+    entries = repro.aggregate(reference + rows("ablation: eps-space consistency", "ablations", [16.5, 14.0, 15.9],
+                                               [30.0, 44.0, 33.0]))
+    assert repro.ablation_verdicts(entries, "sr")[0]["psnr"]["verdict"] == "tie"
 
 
 def test_inpainting_is_judged_on_the_hole_with_the_known_pixels_pasted_back():

@@ -735,7 +735,8 @@ METRIC_HEADS = {"psnr": "PSNR", "masked_psnr": "PSNR in mask", "fd_patch": "FD-p
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Rows of one (method, steps, table) over seeds: ``{metric: (mean, std, n)}`` plus the method's facts."""
+    """Rows of one (method, steps, table) over seeds: ``{metric: (mean, std, n, values)}``, the values by seed
+    (``"by_seed"``, for :func:`compare`'s paired test) and the method's facts."""
     groups: dict = {}
     for row in rows:
         groups.setdefault((row["table"], row["method"], row["steps"]), []).append(row)
@@ -743,11 +744,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (table, method, steps), group in groups.items():
         entry = {"table": table, "method": method, "steps": steps, "n": len(group), "nfe": group[0]["nfe"],
                  "sampler": group[0].get("sampler"),
-                 "seconds_per_image": statistics.fmean([r["seconds_per_image"] for r in group])}
+                 "seconds_per_image": statistics.fmean([r["seconds_per_image"] for r in group]), "by_seed": {}}
         for metric in METRICS:
             values = [r[metric] for r in group if metric in r]
             if values:
                 entry[metric] = (statistics.fmean(values), std(values), len(values), values)
+                entry["by_seed"][metric] = {r.get("seed"): r[metric] for r in group if metric in r}
         out.append(entry)
     return out
 
@@ -765,19 +767,34 @@ def cell(entry: dict, metric: str, digits: int = 2, scale: float = 1.0) -> str:
     return f"{text} ± {s * scale:.{digits}f}" if n > 1 else text
 
 
-def compare(a: dict, b: dict, metric: str = "psnr", higher_is_better: bool = True) -> dict:
-    """``a`` against ``b`` on ``metric``: the difference of the means and its standard error (seed-to-seed spread;
-    a single-seed row borrows the other row's spread). ``better`` when the difference exceeds two standard errors
-    in ``a``'s favour, ``worse`` the other way, else ``tie``."""
+def compare(a: dict, b: dict, metric: str = "psnr", higher_is_better: bool = True, paired: bool = False) -> dict:
+    """``a`` against ``b`` on ``metric``: the difference of the means and its standard error. ``better`` when the
+    difference exceeds two standard errors in ``a``'s favour, ``worse`` the other way, else ``tie``.
+
+    By default the error comes from each row's seed-to-seed spread (a single-seed row borrows the other row's).
+    ``paired`` is for a one-flag variant of a method against the method itself (the ablations): at one seed both
+    train from the same initial weights on the same data order and are scored from the same noise, so ``a`` is
+    compared with ``b`` at the seeds both have. At two or more such seeds the difference is the mean of the per-seed
+    differences and its error their spread; at one seed it is the difference at that seed, with the error of one
+    seed against one seed (the rows' spread, as unpaired). Set against ``b``'s mean instead, a single-seed variant
+    would inherit its seed's luck: here seed 0 of PE-CoDi is its best seed, which flatters every seed-0 ablation."""
+    sign = 1 if higher_is_better else -1
+    a_seeds, b_seeds = a.get("by_seed", {}).get(metric, {}), b.get("by_seed", {}).get(metric, {})
+    common = sorted((set(a_seeds) & set(b_seeds)) - {None}) if paired else []
     (ma, sa, na, _), (mb, sb, nb, _) = a[metric], b[metric]
     sa, sb = (sa or sb), (sb or sa)
-    diff = ma - mb if higher_is_better else mb - ma
-    se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+    if len(common) > 1:
+        diffs = [sign * (a_seeds[s] - b_seeds[s]) for s in common]
+        diff, se = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+    elif common:
+        diff, se = sign * (a_seeds[common[0]] - b_seeds[common[0]]), math.sqrt(sa ** 2 + sb ** 2)
+    else:
+        diff, se = sign * (ma - mb), math.sqrt(sa ** 2 / na + sb ** 2 / nb)
     verdict = "better" if diff > 2 * se and se > 0 else "worse" if diff < -2 * se and se > 0 else "tie"
     if se == 0:  # one seed on both sides: call only differences larger than 0.5 dB (PSNR) / 10 % (others)
         margin = 0.5 if metric in ("psnr", "masked_psnr") else 0.1 * abs(mb)
         verdict = "better" if diff > margin else "worse" if diff < -margin else "tie"
-    return {"difference": diff, "standard_error": se, "verdict": verdict}
+    return {"difference": diff, "standard_error": se, "verdict": verdict, "paired_seeds": common}
 
 
 def find(entries, method: str, steps: int, table: str = "main"):
@@ -844,7 +861,8 @@ def verdicts(entries: list[dict], task: str) -> list[dict]:
 
 def ablation_verdicts(entries: list[dict], task: str) -> list[dict]:
     """A task's ablations (SR: the paper's; every task: the EMA check) against the PE-CoDi default at 4 steps, on the
-    task's :func:`claim_metrics`, with the paper's direction for the ablated variant where it reports one."""
+    task's :func:`claim_metrics`, with the paper's direction for the ablated variant where it reports one, compared
+    at the seeds both have (:func:`compare`, ``paired``)."""
     reference = find(entries, "PE-CoDi", 4)
     fidelity, realism = claim_metrics(entries, task)
     expected = {"ODE model = frozen base": "worse", "eps-space consistency": "better", "one t per sample": "worse",
@@ -854,9 +872,9 @@ def ablation_verdicts(entries: list[dict], task: str) -> list[dict]:
         entry = find(entries, f"ablation: {label}", 4, "ablations")
         if entry is None or reference is None:
             continue
-        psnr = compare(entry, reference, fidelity)
-        fd = compare(entry, reference, realism, higher_is_better=False)
-        out.append({"ablation": label, "paper": direction, "psnr": psnr, "fd_patch": fd,
+        psnr = compare(entry, reference, fidelity, paired=True)
+        fd = compare(entry, reference, realism, higher_is_better=False, paired=True)
+        out.append({"ablation": label, "paper": direction, "psnr": psnr, "fd_patch": fd, "seeds": entry["n"],
                     "metrics": [fidelity, realism]})
     return out
 
@@ -914,12 +932,19 @@ def markdown_tables(results: dict) -> str:
         if ablations:
             fidelity, realism = (METRIC_HEADS[m] for m in ablations[0]["metrics"])
             out.append(f"#### {name}: ablations against PE-CoDi at 4 steps\n")
-            out.append(f"| ablation | {fidelity} difference | {realism} difference (positive = ablation is better) | "
-                       f"verdict ({fidelity} / {realism}, vs the spread) | paper's direction for the ablated variant |")
-            out.append("|---|---|---|---|---|")
+            out.append("(each ablation against PE-CoDi at the same seeds, where the two share initial weights, data "
+                       "order and sampling noise: with several seeds the mean of the per-seed differences ± its "
+                       "standard error, with one seed the difference at that seed ± the error of one seed against "
+                       "one, from PE-CoDi's seed-to-seed spread)\n")
+            out.append(f"| ablation | seeds | {fidelity} difference | {realism} difference (positive = ablation is "
+                       f"better) | verdict ({fidelity} / {realism}, vs the spread) | paper's direction for the "
+                       "ablated variant |")
+            out.append("|---|---|---|---|---|---|")
             for a in ablations:
-                out.append(f"| {a['ablation']} | {a['psnr']['difference']:+.2f} ± "
-                           f"{a['psnr']['standard_error']:.2f} | {a['fd_patch']['difference']:+.2f} | "
+                seeds = a["psnr"]["paired_seeds"]
+                out.append(f"| {a['ablation']} | {', '.join(map(str, seeds)) if seeds else a['seeds']} | "
+                           f"{a['psnr']['difference']:+.2f} ± {a['psnr']['standard_error']:.2f} | "
+                           f"{a['fd_patch']['difference']:+.2f} ± {a['fd_patch']['standard_error']:.2f} | "
                            f"{a['psnr']['verdict']} / {a['fd_patch']['verdict']} | {a['paper'] or '–'} |")
             out.append("")
     return "\n".join(out)
