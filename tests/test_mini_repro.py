@@ -51,6 +51,14 @@ def test_run_table_shares_one_budget_seeds_the_headline_rows_and_orders_dependen
     assert [p["steps"] for p in main if p["run"] == "sr_controlnet_seed0"] == [50, 8, 4, 2, 1]
     assert [p["steps"] for p in main if p["run"] == "sr_controlnet_seed1"] == [50, 4]
     assert {p["start"] for p in plans if p["table"] == "supplementary"} == {1.0, 0.5}
+    # eps-space consistency (it could move a default) is sampled at the product's step counts, the others at 4
+    ablation_steps = {(p["run"], p["steps"]) for p in plans if p["table"] == "ablations"}
+    assert {n for run, n in ablation_steps if run == "sr_ablation_eps_space_seed2"} == {1, 2, 4}
+    assert {n for run, n in ablation_steps if run == "sr_ablation_grid_20"} == {4}
+    # a ledger entry of that run sampled at 4 steps only stays in the tables but is trained and scored again
+    eps = next(r for r in runs if r["name"] == "sr_ablation_eps_space")
+    assert repro.unsampled_steps({"rows": [{"steps": 4, "plan_steps": 4}]}, eps) == [1, 2]
+    assert repro.unsampled_steps({"rows": [{"steps": n} for n in (1, 2, 4)]}, eps) == []
     # lanes take the two-stage training right after its ControlNet's, before that ControlNet's scoring
     chosen = [r for r in runs if r["name"] in {"sr_controlnet_seed0", "sr_pe_codi_seed0", "sr_two_stage_seed0"}]
     order = [(kind, run["name"]) for kind, run in repro.task_order(chosen, "all")]
@@ -229,7 +237,7 @@ def test_repro_trains_resumes_scores_into_the_ledger_and_skips_what_it_holds(tmp
     assert all(torch.equal(p, state[f"adapter.{n}"]) for n, p in raw_weights.items())
     assert any(not torch.equal(p, ema_weights[n]) for n, p in raw_weights.items())
     tables = (results / "mini_repro_tables.md").read_text()
-    assert "#### 4x super-resolution: ablations against PE-CoDi at 4 steps" in tables and repro.NO_EMA_LABEL in tables
+    assert "#### 4x super-resolution: ablations against PE-CoDi" in tables and repro.NO_EMA_LABEL in tables
 
 
 def test_colour_statistics_split_the_error_and_find_where_the_colour_comes_from():
