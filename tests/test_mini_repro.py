@@ -75,8 +75,8 @@ def test_run_table_shares_one_budget_seeds_the_headline_rows_and_orders_dependen
 def test_verdicts_take_the_seed_spread_into_account():
     def entry(method, steps, psnrs, fds):
         return {"method": method, "steps": steps, "table": "main",
-                "psnr": (sum(psnrs) / len(psnrs), repro.std(psnrs), len(psnrs), psnrs),
-                "fd_patch": (sum(fds) / len(fds), repro.std(fds), len(fds), fds)}
+                "psnr": (sum(psnrs) / len(psnrs), repro.std(psnrs), len(psnrs), dict(enumerate(psnrs))),
+                "fd_patch": (sum(fds) / len(fds), repro.std(fds), len(fds), dict(enumerate(fds)))}
 
     entries = [entry("ControlNet (DDIM)", 50, [20.0, 20.4, 19.6], [10, 11, 12]),
                entry("ControlNet (DDIM)", 4, [17.0, 17.2, 16.8], [20, 21, 22]),
@@ -143,9 +143,9 @@ def test_inpainting_is_judged_on_the_hole_with_the_known_pixels_pasted_back():
     assert scores["fd_patch_composite"] < 1e-3 < scores["fd_patch"]
 
     def entry(method, steps, masked, fd, pasted):
-        row = {"method": method, "steps": steps, "table": "main", "psnr": (14.0, 0.0, 1, [14.0])}
+        row = {"method": method, "steps": steps, "table": "main", "psnr": (14.0, 0.0, 1, {0: 14.0})}
         for key, value in (("masked_psnr", masked), ("fd_patch", fd), ("fd_patch_composite", pasted)):
-            row[key] = (value, 0.0, 1, [value])
+            row[key] = (value, 0.0, 1, {0: value})
         return row
 
     entries = [entry("ControlNet (DDIM)", 50, 13.0, 50.0, 10.0), entry("ControlNet (DDIM)", 4, 12.0, 60.0, 12.0),

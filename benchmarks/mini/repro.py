@@ -337,7 +337,8 @@ def run_all(runs: list[dict], args, data) -> None:
 
 
 def skipped(args, run: dict) -> bool:
-    if ledger_entry(args, run) is None or unsampled_steps(ledger_entry(args, run), run):
+    entry = ledger_entry(args, run)
+    if entry is None or unsampled_steps(entry, run):
         return False
     print(f"repro: {run['name']}: in the ledger, skipped", flush=True)
     return True
@@ -753,8 +754,8 @@ METRIC_HEADS = {"psnr": "PSNR", "masked_psnr": "PSNR in mask", "fd_patch": "FD-p
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Rows of one (method, steps, table) over seeds: ``{metric: (mean, std, n, values)}``, the values by seed
-    (``"by_seed"``, for :func:`compare`'s paired test) and the method's facts."""
+    """Rows of one (method, steps, table) over seeds: ``{metric: (mean, std, n, {seed: value})}`` (the values by
+    seed for :func:`compare`'s paired test) plus the method's facts."""
     groups: dict = {}
     for row in rows:
         groups.setdefault((row["table"], row["method"], row["steps"]), []).append(row)
@@ -762,12 +763,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (table, method, steps), group in groups.items():
         entry = {"table": table, "method": method, "steps": steps, "n": len(group), "nfe": group[0]["nfe"],
                  "sampler": group[0].get("sampler"),
-                 "seconds_per_image": statistics.fmean([r["seconds_per_image"] for r in group]), "by_seed": {}}
+                 "seconds_per_image": statistics.fmean([r["seconds_per_image"] for r in group])}
         for metric in METRICS:
             values = [r[metric] for r in group if metric in r]
             if values:
-                entry[metric] = (statistics.fmean(values), std(values), len(values), values)
-                entry["by_seed"][metric] = {r.get("seed"): r[metric] for r in group if metric in r}
+                by_seed = {r.get("seed"): r[metric] for r in group if metric in r}
+                entry[metric] = (statistics.fmean(values), std(values), len(values), by_seed)
         out.append(entry)
     return out
 
@@ -795,11 +796,10 @@ def compare(a: dict, b: dict, metric: str = "psnr", higher_is_better: bool = Tru
     compared with ``b`` at the seeds both have. At two or more such seeds the difference is the mean of the per-seed
     differences and its error their spread; at one seed it is the difference at that seed, with the error of one
     seed against one seed (the rows' spread, as unpaired). Set against ``b``'s mean instead, a single-seed variant
-    would inherit its seed's luck: here seed 0 of PE-CoDi is its best seed, which flatters every seed-0 ablation."""
+    would inherit its seed's luck (on SR, seed 0 was PE-CoDi's best, which flattered every seed-0 ablation)."""
     sign = 1 if higher_is_better else -1
-    a_seeds, b_seeds = a.get("by_seed", {}).get(metric, {}), b.get("by_seed", {}).get(metric, {})
+    (ma, sa, na, a_seeds), (mb, sb, nb, b_seeds) = a[metric], b[metric]
     common = sorted((set(a_seeds) & set(b_seeds)) - {None}) if paired else []
-    (ma, sa, na, _), (mb, sb, nb, _) = a[metric], b[metric]
     sa, sb = (sa or sb), (sb or sa)
     if len(common) > 1:
         diffs = [sign * (a_seeds[s] - b_seeds[s]) for s in common]
