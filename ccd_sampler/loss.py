@@ -10,9 +10,9 @@ with ``w`` a ``[B]`` tensor of guidance scales). For a batch ``x`` with conditio
     5.           f        = c_skip(t) z_t + c_out(t) x0_online(z_t, t)
     6. loss = d(f, f_target) + lambda * ||f - x||^2
 
-``d`` is the mean squared error of ``f`` and ``f_target`` (``consistency_space="x"``) or of the noises they imply,
-``(z_t - alpha_t f) / sigma_t`` and ``(z_s - alpha_s f_target) / sigma_s`` (``"eps"``, the paper's noise
-self-consistency). CFG-aware distillation (``guidance_mode="cfg"``) draws ``w ~ U[w_min, w_max]`` per sample and uses
+``d`` is the mean squared error of the noises ``f`` and ``f_target`` imply, ``(z_t - alpha_t f) / sigma_t`` and
+``(z_s - alpha_s f_target) / sigma_s`` (``consistency_space="eps"``, the default: the paper's noise self-consistency), or
+of ``f`` and ``f_target`` themselves (``"x"``). CFG-aware distillation (``guidance_mode="cfg"``) draws ``w ~ U[w_min, w_max]`` per sample and uses
 ``u + w (c - u)`` in steps 4 and 5; the one-step ODE never uses guidance. ``guidance_mode="distill"`` trains a
 ``w``-conditioned online model, one branch, to match the target's guided output (the target's two branches get the
 neutral ``w = 1``), so the sampler can run at cfg 1.
@@ -47,7 +47,7 @@ class CoDiLossConfig:
     shared_timestep: bool = True
     ode_model: str = "ema"
     eps_source: str = "ddim"
-    consistency_space: str = "x"
+    consistency_space: str = "eps"
     guidance_weight: float = 1.0
     min_snr_gamma: float | None = None
     min_snr_weighting: str = "truncated"

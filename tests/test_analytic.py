@@ -168,7 +168,7 @@ def _mean_consistency(mixture, grid, batches=6, batch=4096, eps_source="ddim", s
     """Mean and standard error of ``loss_consistency`` over ``batches`` seeded batches (per-sample timesteps)."""
     denoise = A.exact_denoiser(mixture, SCHEDULE, "epsilon")
     config = cs.CoDiLossConfig(distill_grid=grid, shared_timestep=False, guidance_weight=0.0, ode_model="ema",
-                               eps_source=eps_source)
+                               eps_source=eps_source, consistency_space="x")  # the closed forms are x-space
     values = []
     for b in range(batches):
         gen = torch.Generator().manual_seed(1000 * seed + b)
@@ -319,7 +319,8 @@ def test_codi_beats_plain_diffusion_in_one_and_two_steps():
         return _train(model, FINETUNE_STEPS, loss_fn, torch.Generator().manual_seed(200 + SEED), lr_decay=True)
 
     def codi(lam):
-        config = cs.CoDiLossConfig(prediction_type="epsilon", distill_grid=GRID, guidance_weight=lam)
+        config = cs.CoDiLossConfig(prediction_type="epsilon", distill_grid=GRID, guidance_weight=lam,
+                                   consistency_space="x")
         return lambda m, e, x, c, g: cs.codi_loss(m, e, x, c, config, schedule=SCHEDULE, generator=g)[0]
 
     models = {"plain": finetune(lambda m, e, x, c, g: _diffusion_loss(m, x, c, g)),

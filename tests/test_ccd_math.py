@@ -390,7 +390,9 @@ def test_cfg_regression_acts_on_the_conditional_branch():
         return torch.where(c.bool(), perfect, perfect + 0.5)  # c: 1 = conditional branch, 0 = unconditional
 
     cond, uncond = torch.ones(8, 1), torch.zeros(8, 1)
-    config = cs.CoDiLossConfig(guidance_mode="cfg", cfg_range=(2.0, 8.0), guidance_weight=1.0)
+    # x-space: the guided outputs' implied noises are the perfect noise plus the same offset on both sides, so an
+    # eps-space consistency term would not see w here
+    config = cs.CoDiLossConfig(guidance_mode="cfg", cfg_range=(2.0, 8.0), guidance_weight=1.0, consistency_space="x")
     _, diag = cs.codi_loss(model, model, x, cond, config, uncond=uncond, generator=torch.Generator().manual_seed(0))
     assert diag["loss_guidance"] < 1e-12
     assert diag["loss_consistency"] > 1e-3  # the guided outputs differ from x: the consistency term still sees w
@@ -409,10 +411,13 @@ def test_loss_options_change_the_computation():
     per_sample_loss, per_sample_diag = run(shared_timestep=False)
     assert len(set(per_sample_diag["t"])) > 1
     assert run(eps_source="true")[1]["loss_consistency"] != base_diag["loss_consistency"]
-    assert run(consistency_space="eps")[1]["loss_consistency"] != base_diag["loss_consistency"]
+    x_space_diag = run(consistency_space="x")[1]
+    assert x_space_diag["loss_consistency"] != base_diag["loss_consistency"]
     assert math.isclose(float(run(guidance_weight=0.0)[0].detach()), base_diag["loss_consistency"], rel_tol=1e-5)
-    assert run(min_snr_gamma=5.0, min_snr_weighting="x_space")[1]["loss_consistency"] != \
-        base_diag["loss_consistency"]
+    # on an eps-space loss the x_space weighting is min(SNR, gamma) / SNR, 1 at this batch's high-noise t: compare
+    # it in x-space, where it is min(SNR, gamma)
+    assert run(min_snr_gamma=5.0, min_snr_weighting="x_space", consistency_space="x")[1]["loss_consistency"] != \
+        x_space_diag["loss_consistency"]
     cfg_loss, cfg_diag = run(guidance_mode="cfg", cfg_range=(2.0, 8.0))
     assert all(2.0 <= w <= 8.0 for w in cfg_diag["w"])
     assert run(ode_model="online")[1]["loss_consistency"] == base_diag["loss_consistency"]  # same init weights

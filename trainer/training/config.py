@@ -225,7 +225,9 @@ def _distillation_flags(g) -> None:
                    help="model of the one-step PF-ODE: ema (base + EMA adapter, the paper's), base (frozen base "
                         "alone), online (stop-grad), teacher (base + --teacher_adapter)")
     g.add_argument("--eps_source", choices=("ddim", "true"), default="ddim")
-    g.add_argument("--consistency_space", choices=("x", "eps"), default="x")
+    g.add_argument("--consistency_space", choices=("x", "eps"), default="eps",
+                   help="distance of the consistency term: eps (the noises the two sides imply; the paper's noise "
+                        "self-consistency, better at 1, 2 and 4 steps in the benchmark) or x (the outputs themselves)")
     g.add_argument("--guidance_weight", type=float, default=1.0, help="lambda of ||f - x||^2")
     g.add_argument("--min_snr_gamma", type=float, default=None,
                    help="weight the consistency term by the clipped SNR (Min-SNR-gamma, e.g. 5; default off)")

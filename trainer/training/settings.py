@@ -62,7 +62,7 @@ class CodiSettings:
     shared_timestep: bool = True
     ode_model: str = "ema"
     eps_source: str = "ddim"
-    consistency_space: str = "x"
+    consistency_space: str = "eps"
     guidance_weight: float = 1.0
     min_snr_gamma: float | None = None
     no_boundary: bool = False
