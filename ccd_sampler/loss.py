@@ -11,11 +11,12 @@ with ``w`` a ``[B]`` tensor of guidance scales). For a batch ``x`` with conditio
     6. loss = d(f, f_target) + lambda * ||f - x||^2
 
 ``d`` is the mean squared error of the noises ``f`` and ``f_target`` imply, ``(z_t - alpha_t f) / sigma_t`` and
-``(z_s - alpha_s f_target) / sigma_s`` (``consistency_space="eps"``, the default: the paper's noise self-consistency), or
-of ``f`` and ``f_target`` themselves (``"x"``). CFG-aware distillation (``guidance_mode="cfg"``) draws ``w ~ U[w_min, w_max]`` per sample and uses
-``u + w (c - u)`` in steps 4 and 5; the one-step ODE never uses guidance. ``guidance_mode="distill"`` trains a
-``w``-conditioned online model, one branch, to match the target's guided output (the target's two branches get the
-neutral ``w = 1``), so the sampler can run at cfg 1.
+``(z_s - alpha_s f_target) / sigma_s`` (``consistency_space="eps"``, the default: the paper's noise
+self-consistency), or of ``f`` and ``f_target`` themselves (``"x"``). CFG-aware distillation
+(``guidance_mode="cfg"``) draws ``w ~ U[w_min, w_max]`` per sample and uses ``u + w (c - u)`` in steps 4 and 5; the
+one-step ODE never uses guidance. ``guidance_mode="distill"`` trains a ``w``-conditioned online model, one branch,
+to match the target's guided output (the target's two branches get the neutral ``w = 1``), so the sampler can run at
+cfg 1.
 """
 
 from __future__ import annotations
