@@ -450,6 +450,20 @@ def test_resume_with_other_settings(saved_state, tmp_path):
     assert "resuming with changed learning_rate" in result.stdout
 
 
+def test_a_state_from_before_a_default_changed_names_the_flag_that_continues_it():
+    from trainer.errors import CodiError
+    from trainer.training.guard import check_resume_identity
+
+    with pytest.raises(CodiError) as error:  # written when x-space was the default, resumed with today's eps
+        check_resume_identity({"consistency_space": "x", "seed": 1}, {"consistency_space": "eps", "seed": 1}, (),
+                              "out/run-state")
+    assert "consistency_space: 'x' in the state, 'eps' now" in str(error.value)
+    assert "add --consistency_space x to continue" in str(error.value)
+    with pytest.raises(CodiError) as error:  # a value the user chose: no talk of defaults
+        check_resume_identity({"consistency_space": "eps"}, {"consistency_space": "x"}, (), "out/run-state")
+    assert "default" not in str(error.value)
+
+
 def test_a_save_killed_mid_rename_is_recovered_and_its_leftovers_removed(saved_state):
     """A trainer killed inside the atomic state save leaves hidden ``.tmp-<pid>`` / ``.old-<pid>`` folders: the next
     run on that output name puts a complete one back in place (so --resume finds it) and removes the rest."""

@@ -19,6 +19,9 @@ from trainer.training.config import SAFE_RESUME_CHANGES
 from trainer.training.settings import Settings
 
 GIB = 1024 ** 3
+# Defaults that changed (old, new): a state written before the change resumes only with the old value, and the error
+# says which flag restores it (ε-space consistency became the default after the miniature benchmark's ablation).
+CHANGED_DEFAULTS = {"consistency_space": ("x", "eps")}
 
 
 class OutputError(CodiError):
@@ -144,6 +147,10 @@ def check_resume_identity(saved: dict | None, now: dict, allowed: tuple[str, ...
         safe = [k for k in refused if k in SAFE_RESUME_CHANGES]
         hint = (f" To continue anyway with the new value of {', '.join(safe)}, add --resume_changes "
                 f"{','.join(safe)}." if safe else "")
+        old_defaults = [f"--{k} {old}" for k, (old, new) in refused.items() if CHANGED_DEFAULTS.get(k) == (old, new)]
+        if old_defaults:
+            hint += (f" The default changed since the state was written: add {' '.join(old_defaults)} to continue "
+                     "that run.")
         raise CodiError(f"--resume {folder}: this run differs from the one that wrote the state ({listed}). Resume "
                         f"with the same settings, or start a new run.{hint}")
     return sorted(differences)
