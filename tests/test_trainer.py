@@ -218,7 +218,10 @@ def test_cached_latents_and_text_match_uncached(small_sd2v, gray_pairs, tmp_path
                                 "--cache_latents", "--cache_text_encoder_outputs")) == 0
     a, _ = read_adapter(tmp_path / "plain" / "adapter.safetensors")
     b, _ = read_adapter(tmp_path / "cached" / "adapter.safetensors")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a if a[k].numel()) <= 1e-5
+    # Float rounding only: cached latents are encoded once, in another batch. The default ε-space consistency divides
+    # by sigma_s, which magnifies that rounding (1.7e-5 seen; 1e-5 was the bound under x-space); a wrong cache (other
+    # scaling, crop or text) changes the gradients, and 3 Adam steps at lr 1e-4 move a weight by up to 3e-4.
+    assert max(float((a[k] - b[k]).abs().max()) for k in a if a[k].numel()) <= 5e-5
 
 
 def test_sample_prompts_and_state_files(small_sd2v, gray_pairs, tmp_path, sd1_tokenizer_dir):
