@@ -241,6 +241,24 @@ def test_sample_prompts_and_state_files(small_sd2v, gray_pairs, tmp_path, sd1_to
     assert state["step"] == 2
 
 
+def test_the_codi_defaults_agree_across_flags_settings_and_loss():
+    """A CoDi default lives in three places (the flag, ``CodiSettings``, ``CoDiLossConfig``); changing one changes
+    what users get only if the others follow."""
+    from dataclasses import MISSING, fields
+
+    import ccd_sampler as cs
+    from trainer.training.config import parse_args
+    from trainer.training.settings import CodiSettings
+
+    flags = vars(parse_args(["--pretrained_model_name_or_path", "m.safetensors", "--train_data_dir", "x"]))
+    for f in fields(CodiSettings):
+        assert f.default is MISSING or flags[f.name] == f.default, f.name
+    shared = [f for f in fields(cs.CoDiLossConfig) if f.name in flags and f.name != "cfg_range"]  # None = CFG off
+    assert {f.name for f in shared} >= {"consistency_space", "distill_grid", "ode_model", "guidance_weight"}
+    for f in shared:
+        assert flags[f.name] == f.default, f.name
+
+
 def test_config_file_and_output_config(tmp_path):
     from trainer.training.config import parse_args
 
