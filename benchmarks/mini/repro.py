@@ -1,6 +1,6 @@
 """Miniature reproduction of the CoDi paper's tables: one command trains every method and writes the tables.
 
-    .venv/bin/python benchmarks/mini/repro.py                  # what the ledger lacks (all of it: 7-8 h, 2 cores)
+    .venv/bin/python benchmarks/mini/repro.py                  # what the ledger lacks (all of it: 8-10 h, 2 cores)
     .venv/bin/python benchmarks/mini/repro.py --quick          # headline rows, SR, one seed, short runs (~30 min)
     .venv/bin/python benchmarks/mini/repro.py --phase eval     # re-score the trained adapters only
 
@@ -63,13 +63,14 @@ TASK_NAMES = {"sr": "4x super-resolution", "inpaint": "Inpainting", "gray": "Col
 METHOD_FLAGS = {"controlnet": ["--loss", "diffusion"], "pe_codi": [], "codi_lora": ["--unet_lora_dim", "16"],
                 "two_stage": ["--ode_model", "teacher", "--guidance_weight", "0"]}
 # Seeds per (task, method). The rows the paper's claims compare (ControlNet 50/4, PE-CoDi and CoDi + UNet LoRA at 4)
-# train three seeds on SR, the two most compared ones (ControlNet, PE-CoDi) three on inpainting; the two-stage baseline,
-# far from the others in every measurement so far, and the third task train one. Even so the whole protocol is 7-8 h
-# at two jobs on a fast 2-core machine (benchmarks/results/mini_repro.md has the measured times); the committed
-# ledger lets it accumulate over several sittings.
+# train three seeds on SR, the two most compared ones (ControlNet, PE-CoDi) three on inpainting and colorization; the
+# two-stage baseline, far from the others in every measurement so far, and CoDi + UNet LoRA on the other two tasks
+# train one. Even so the whole protocol is 8-10 h at two jobs on a fast 2-core machine
+# (benchmarks/results/mini_repro.md has the measured times); the committed ledger lets it accumulate over several
+# sittings.
 SEEDS = {"sr": {"controlnet": 3, "pe_codi": 3, "codi_lora": 3, "two_stage": 1},
          "inpaint": {"controlnet": 3, "pe_codi": 3, "codi_lora": 1, "two_stage": 1},
-         "gray": {"controlnet": 1, "pe_codi": 1, "codi_lora": 1, "two_stage": 1}}
+         "gray": {"controlnet": 3, "pe_codi": 3, "codi_lora": 1, "two_stage": 1}}
 # The paper's ablations (SR, PE-CoDi at 4 steps, seed 0), one flag each against the defaults.
 ABLATIONS = {"ode_base": (["--ode_model", "base"], "ODE model = frozen base"),
              "eps_space": (["--consistency_space", "eps"], "eps-space consistency"),
