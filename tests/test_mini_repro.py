@@ -32,7 +32,7 @@ def test_run_table_shares_one_budget_seeds_the_headline_rows_and_orders_dependen
         assert not {"--max_train_steps", "--train_batch_size", "--learning_rate", "--adapter_type"} & set(run["flags"])
     seeds = {(r["task"], r["method"]): sorted(x["seed"] for x in runs if (x["task"], x["method"]) ==
                                               (r["task"], r["method"])) for r in runs}
-    # the headline rows every task compares (ControlNet, PE-CoDi) have three seeds; the rest of seed 0 off SR
+    # every task's most compared rows (ControlNet, PE-CoDi) have three seeds; off SR the other methods have seed 0
     for task in ("sr", "inpaint", "gray"):
         assert seeds[(task, "pe_codi")] == seeds[(task, "controlnet")] == [0, 1, 2]
     assert seeds[("sr", "codi_lora")] == [0, 1, 2] and seeds[("gray", "codi_lora")] == [0]
