@@ -15,8 +15,8 @@ Steps:
    trainer's degradation chain, ControlNet adapter with a 16,32 hint CNN, batch 8, ``--steps`` 200, lr 1e-3, EMA 0.99)
    and the trainer's default ε-space consistency (the benchmark's own runs pin x-space, the default they were trained
    with, ``repro.LEDGER_CONSISTENCY``). 200 steps keep ``make demo`` within ten minutes on two cores from a fresh
-   clone, set-up included; the pilots of ``demo_pilots.py`` found that training longer (600 steps) or weighting the
-   ‖f − x‖² term more (λ = 3, 10) does not make CoDi from pure noise keep the photo's colours either;
+   clone, set-up included; the pilots of ``demo_pilots.py`` found that training longer (up to 900 steps) or weighting
+   the ‖f − x‖² term more (λ = 3, 10; 600 steps) does not make CoDi from pure noise keep the photo's colours either;
    a resumable state is saved every ``--save_every`` (50) steps, so an interrupted demo continues from the last
    one. When ``<out>/codi_sr4x_demo.safetensors`` is already there (from a run with the same settings), training is
    skipped;

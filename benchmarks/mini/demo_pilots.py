@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_pilot(args) -> list[dict]:
-    """Train and score chunk by chunk; returns one record per chunk (steps, seconds, scores per method)."""
+    """Train and score chunk by chunk; returns one record per chunk (steps, scores per method, machine)."""
     import torch
 
     from trainer.training.main import main as train_main
